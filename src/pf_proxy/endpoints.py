@@ -1,0 +1,307 @@
+"""Places to listen on or connect to: vsock addresses and IP addresses.
+
+Parsing turns the command-line text into values (`VsockAddress`, `IpAddress`); endpoints turn
+those values into non-blocking sockets. This module is the only place that knows whether a
+vsock address is real AF_VSOCK or emulated:
+
+    When the environment variable PF_PROXY_VSOCK_DIR names a directory, the vsock address
+    CID:PORT is the Unix stream socket $PF_PROXY_VSOCK_DIR/<CID>_<PORT>.sock, both for
+    listening and for connecting.
+
+Unix sockets with a filesystem path are reachable across network namespaces, so emulated
+vsock links an "enclave" namespace to a "host" namespace just as vsock would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+VSOCK_DIR_ENV = "PF_PROXY_VSOCK_DIR"
+VMADDR_CID_ANY = 0xFFFFFFFF  # linux/vm_sockets.h: listen on every local CID
+U32_MAX = 0xFFFFFFFF
+DEFAULT_BACKLOG = 1024
+
+_DIGITS = re.compile(r"[0-9]+")
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+
+
+class AddressError(ValueError):
+    """Text that is not a valid address; the message says which part is wrong."""
+
+
+class BindError(OSError):
+    """A listener could not be opened; the message names the address."""
+
+
+class ConnectError(OSError):
+    """An upstream connection failed; the message names the address."""
+
+
+def _parse_u32(text: str, what: str) -> int:
+    if not _DIGITS.fullmatch(text) or int(text) > U32_MAX:
+        raise AddressError(f"failed to parse {what} as a u32")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class VsockAddress:
+    cid: int
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.cid}:{self.port}"
+
+
+def parse_vsock_address(text: str) -> VsockAddress:
+    """Parse `CID:PORT` (both unsigned 32-bit decimals), split at the first colon."""
+    cid_text, colon, port_text = text.partition(":")
+    if not colon:
+        raise AddressError("invalid vsock address, should contain one colon")
+    return VsockAddress(_parse_u32(cid_text, "cid"), _parse_u32(port_text, "port"))
+
+
+def parse_cid(text: str) -> int:
+    """Parse a bare CID (unsigned 32-bit decimal)."""
+    return _parse_u32(text, "cid")
+
+
+@dataclass(frozen=True)
+class IpAddress:
+    """An IP literal (IPv6 possibly with a scope id) or, for upstream targets, a host name."""
+
+    host: str
+    port: int
+
+    @property
+    def is_literal(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_ip_address(text: str, *, allow_host_name: bool = False) -> IpAddress:
+    """Parse `IPv4:PORT`, `[IPv6]:PORT` or `[IPv6%scope]:PORT`; with `allow_host_name`, also
+    `name:PORT` (resolved when connecting)."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise AddressError("malformed address, expected [IPv6]:PORT")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise AddressError(f"invalid IPv6 address {host!r}") from None
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon or not host:
+            raise AddressError("malformed address, expected IP:PORT")
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if ":" in host:
+                raise AddressError("IPv6 addresses must be written as [IPv6]:PORT") from None
+            if not allow_host_name:
+                raise AddressError(f"invalid IPv4 address {host!r}") from None
+            if not _HOST_NAME.fullmatch(host):
+                raise AddressError(f"invalid host name {host!r}") from None
+    if not _DIGITS.fullmatch(port_text) or int(port_text) > 0xFFFF:
+        raise AddressError(f"invalid port {port_text!r}, expected 0-65535")
+    return IpAddress(host, int(port_text))
+
+
+# --- sockets --------------------------------------------------------------------------------
+
+
+async def connect_socket(sock: socket.socket, address: object) -> None:
+    """Connect a non-blocking socket of any family, waiting on the running loop."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    err = sock.connect_ex(address)  # type: ignore[arg-type]
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        ready = loop.create_future()
+        loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            loop.remove_writer(sock.fileno())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _listen(sock: socket.socket, address: object, backlog: int) -> socket.socket:
+    try:
+        sock.bind(address)  # type: ignore[arg-type]
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class VsockEndpoint:
+    """A vsock address, real or emulated by a Unix socket in `emulation_dir`."""
+
+    def __init__(self, address: VsockAddress, emulation_dir: Path | None) -> None:
+        self.address = address
+        self.emulation_dir = emulation_dir
+
+    def __str__(self) -> str:
+        return f"vsock {self.address}"
+
+    @property
+    def emulated(self) -> bool:
+        return self.emulation_dir is not None
+
+    def socket_path(self, cid: int | None = None) -> Path:
+        assert self.emulation_dir is not None
+        cid = self.address.cid if cid is None else cid
+        return self.emulation_dir / f"{cid}_{self.address.port}.sock"
+
+    def listen(self, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+        """A bound, listening, non-blocking socket; `BindError` names the address."""
+        try:
+            if self.emulation_dir is None:
+                sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+                return _listen(sock, (self.address.cid, self.address.port), backlog)
+            path = self.socket_path()
+            _remove_stale_socket(path)
+            return _listen(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), str(path), backlog)
+        except OSError as exc:
+            where = f" (emulated at {self.socket_path()})" if self.emulated else ""
+            raise BindError(
+                exc.errno,
+                f"Failed to bind listener to vsock {self.address}{where}: {exc.strerror or exc}",
+            ) from exc
+
+    async def connect(self) -> socket.socket:
+        """A connected non-blocking socket; `ConnectError` names the address."""
+        try:
+            if self.emulation_dir is None:
+                sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+                try:
+                    await connect_socket(sock, (self.address.cid, self.address.port))
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock
+            return await self._connect_emulated()
+        except OSError as exc:
+            raise ConnectError(
+                exc.errno,
+                f"failed to connect to vsock endpoint {self.address}: {exc.strerror or exc}",
+            ) from exc
+
+    async def _connect_emulated(self) -> socket.socket:
+        # A real listener on VMADDR_CID_ANY accepts connections for every CID; so does ours.
+        paths = [self.socket_path(), self.socket_path(VMADDR_CID_ANY)]
+        for index, path in enumerate(paths):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await connect_socket(sock, str(path))
+                return sock
+            except OSError as exc:
+                sock.close()
+                last_try = index == len(paths) - 1
+                if last_try or exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                    raise
+        raise AssertionError("unreachable")
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Unlink a socket file nobody accepts on; raise EADDRINUSE if somebody does."""
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    else:
+        raise OSError(errno.EADDRINUSE, "address in use by a live listener")
+    finally:
+        probe.close()
+
+
+class IpEndpoint:
+    """An IP address with port; host names are resolved at connect time."""
+
+    def __init__(self, address: IpAddress) -> None:
+        self.address = address
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+    def listen(self, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+        try:
+            family, _, _, _, sockaddr = socket.getaddrinfo(
+                self.address.host,
+                self.address.port,
+                type=socket.SOCK_STREAM,
+                flags=socket.AI_NUMERICHOST | socket.AI_PASSIVE,
+            )[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            return _listen(sock, sockaddr, backlog)
+        except OSError as exc:
+            raise BindError(
+                exc.errno, f"Failed to bind listener to {self.address}: {exc.strerror or exc}"
+            ) from exc
+
+    async def connect(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        try:
+            flags = socket.AI_NUMERICHOST if self.address.is_literal else 0
+            infos = await loop.getaddrinfo(
+                self.address.host, self.address.port, type=socket.SOCK_STREAM, flags=flags
+            )
+            last: OSError = OSError(errno.EHOSTUNREACH, "no addresses")
+            for family, kind, proto, _, sockaddr in infos:
+                sock = socket.socket(family, kind, proto)
+                try:
+                    await connect_socket(sock, sockaddr)
+                except OSError as exc:
+                    sock.close()
+                    last = exc
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            raise last
+        except OSError as exc:
+            raise ConnectError(
+                exc.errno,
+                f"failed to connect to TCP endpoint {self.address}: {exc.strerror or exc}",
+            ) from exc
+
+
+Endpoint = VsockEndpoint | IpEndpoint
+
+
+def emulation_dir_from_env() -> Path | None:
+    value = os.environ.get(VSOCK_DIR_ENV)
+    return Path(value) if value else None
+
+
+def vsock_endpoint(address: VsockAddress) -> VsockEndpoint:
+    return VsockEndpoint(address, emulation_dir_from_env())

@@ -1,0 +1,36 @@
+"""Shared test set-up: the `root` gate.
+
+Tests marked `@pytest.mark.root` need root, network namespaces and iptables. Outside CI they
+skip with the reason; with PF_PROXY_REQUIRE_ROOT_TESTS=1 (set by .ci/run) a missing
+requirement is a failure, so CI can never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+REQUIRE_ROOT_TESTS = os.environ.get("PF_PROXY_REQUIRE_ROOT_TESTS") == "1"
+ROOT_TOOLS = ("ip", "iptables", "ip6tables", "ipset")
+
+
+def _missing_root_requirement() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, iptables)"
+    missing = [tool for tool in ROOT_TOOLS if shutil.which(tool) is None]
+    if missing:
+        return f"needs {', '.join(missing)} on PATH"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root") is None:
+        return
+    reason = _missing_root_requirement()
+    if reason is None:
+        return
+    if REQUIRE_ROOT_TESTS:
+        pytest.fail(f"PF_PROXY_REQUIRE_ROOT_TESTS=1 but this test {reason}", pytrace=False)
+    pytest.skip(reason)
