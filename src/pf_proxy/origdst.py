@@ -1,0 +1,44 @@
+"""The original destination of a NAT-redirected TCP connection (Linux only).
+
+After iptables REDIRECT or DNAT, `getsockname()` on the accepted socket shows the proxy's own
+address; the address the client asked for is kept by conntrack and read with
+SO_ORIGINAL_DST (IPv4) or IP6T_SO_ORIGINAL_DST (IPv6).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+from pf_proxy.dstheader import Destination
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
+SOCKADDR_IN_SIZE = 16  # struct sockaddr_in
+SOCKADDR_IN6_SIZE = 28  # struct sockaddr_in6
+
+
+class OriginalDestinationError(OSError):
+    """The socket has no original destination (no NAT rule applied to it)."""
+
+
+def original_destination(sock: socket.socket) -> Destination:
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.SOL_IPV6, IP6T_SO_ORIGINAL_DST, SOCKADDR_IN6_SIZE)
+            port = struct.unpack_from("!H", raw, 2)[0]
+            mapped = ipaddress.IPv6Address(raw[8:24])
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address = (
+                mapped.ipv4_mapped or mapped
+            )
+        else:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, SOCKADDR_IN_SIZE)
+            port = struct.unpack_from("!H", raw, 2)[0]
+            address = ipaddress.IPv4Address(raw[4:8])
+    except OSError as exc:
+        raise OriginalDestinationError(
+            exc.errno,
+            f"Failed to retrieve original destination from TCP stream: {exc.strerror or exc}",
+        ) from exc
+    return Destination(address, port)

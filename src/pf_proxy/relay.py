@@ -1,0 +1,270 @@
+"""The relay: copy bytes both ways between two connected non-blocking sockets.
+
+Each direction is a `_Pump` driven by the event loop's readiness callbacks:
+
+    readable(src) -> move a chunk out of src -> write it to dst
+                                             -> dst full? stop reading src, wait writable(dst)
+    EOF on src    -> shutdown(dst, SHUT_WR) (half-close); the other direction keeps flowing
+
+On Linux the chunk moves through a pipe with splice(2) and never enters user space. Where the
+kernel refuses splice for a socket type, that direction falls back to recv_into a buffer
+shared by all connections, and keeps its own copy only of bytes dst could not take yet. Either
+way at most one chunk per direction is held: a slow reader slows the writer, and memory stays
+bounded. Pipes are created when data first flows, so an idle connection costs only its two
+sockets.
+
+The relay ends when both directions have reached EOF, or when either fails; after a failure
+both sockets are reset (SO_LINGER 0), so neither peer mistakes a truncated stream for a
+complete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+
+log = logging.getLogger("pf_proxy")
+
+CHUNK = 256 * 1024
+PIPE_SIZE = 256 * 1024
+READS_PER_WAKEUP = 4  # bounded, so one busy connection cannot starve the others
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff=1, l_linger=0}: close sends RST
+
+_shared_buffer = bytearray(CHUNK)
+_shared_view = memoryview(_shared_buffer)
+
+# Errors that mean "splice is not supported between these two files", not a broken socket.
+_SPLICE_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
+
+use_splice_default = hasattr(os, "splice") and os.environ.get("PF_PROXY_NO_SPLICE") != "1"
+
+
+class _Pump:
+    """One direction of a relay: src -> dst, then half-close dst."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        src: socket.socket,
+        dst: socket.socket,
+        done_message: str,
+        use_splice: bool,
+    ) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.done_message = done_message
+        self.use_splice = use_splice
+        self.pipe: tuple[int, int] | None = None
+        self.in_pipe = 0  # splice path: bytes in the pipe not yet written to dst
+        self.pending: memoryview | None = None  # copy path: bytes not yet written to dst
+        self.pending_owned = False
+        self.finished = False
+        self.bytes = 0
+
+    # --- moving bytes: the two paths ------------------------------------------------------
+
+    def _read(self) -> int:
+        """Move one chunk out of src; 0 means EOF. Raises BlockingIOError if none ready."""
+        if self.use_splice:
+            if self.pipe is None:
+                self.pipe = _make_pipe()
+            try:
+                n = os.splice(self.src_fd, self.pipe[1], CHUNK, flags=SPLICE_FLAGS)
+            except OSError as exc:
+                if exc.errno not in _SPLICE_REFUSED or self.bytes:
+                    raise
+                self._fall_back_to_copy()
+                return self._read()
+            self.in_pipe = n
+        else:
+            n = self.src.recv_into(_shared_buffer)
+            self.pending, self.pending_owned = _shared_view[:n], False
+        self.bytes += n
+        return n
+
+    def _write(self) -> bool:
+        """Write what was read to dst; False if dst is full (the rest waits)."""
+        if self.use_splice:
+            assert self.pipe is not None
+            while self.in_pipe:
+                try:
+                    self.in_pipe -= os.splice(
+                        self.pipe[0], self.dst_fd, self.in_pipe, flags=SPLICE_FLAGS
+                    )
+                except BlockingIOError:
+                    return False
+            return True
+        while self.pending:
+            try:
+                sent = self.dst.send(self.pending)
+            except BlockingIOError:
+                if not self.pending_owned:  # the shared buffer is about to be reused
+                    self.pending, self.pending_owned = memoryview(bytes(self.pending)), True
+                return False
+            self.pending = self.pending[sent:]
+        self.pending = None
+        return True
+
+    def _fall_back_to_copy(self) -> None:
+        log.debug("splice refused for %s, copying through user space", self.done_message)
+        self.use_splice = False
+        self._close_pipe()
+
+    # --- control flow, the same for both paths --------------------------------------------
+
+    def start(self) -> None:
+        self.loop.add_reader(self.src_fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            for _ in range(READS_PER_WAKEUP):
+                if self._read() == 0:
+                    self._finish()
+                    return
+                self.relay.last_activity = self.loop.time()
+                if not self._write():
+                    self.loop.remove_reader(self.src_fd)
+                    self.loop.add_writer(self.dst_fd, self._on_writable)
+                    return
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self.relay.fail(exc)
+
+    def _on_writable(self) -> None:
+        try:
+            if not self._write():
+                return
+        except OSError as exc:
+            self.relay.fail(exc)
+            return
+        self.loop.remove_writer(self.dst_fd)
+        self.loop.add_reader(self.src_fd, self._on_readable)
+
+    def _finish(self) -> None:
+        self.stop()
+        self.finished = True
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                self.relay.fail(exc)
+                return
+        log.info(self.done_message)
+        self.relay.pump_finished()
+
+    def stop(self) -> None:
+        self.loop.remove_reader(self.src_fd)
+        self.loop.remove_writer(self.dst_fd)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe = None
+
+
+def _make_pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # over the user's pipe quota: the default 64 KiB pipe works, only slower
+    return read_end, write_end
+
+
+class Relay:
+    """Both directions between `inbound` and `upstream`; `run()` returns when both are done.
+
+    `forward_done` and `backward_done` are the log lines for EOF inbound->upstream and
+    upstream->inbound. Failures raise from `run()` after both sockets were reset and closed.
+    """
+
+    def __init__(
+        self,
+        inbound: socket.socket,
+        upstream: socket.socket,
+        forward_done: str,
+        backward_done: str,
+        *,
+        use_splice: bool | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.inbound, self.upstream = inbound, upstream
+        splice = use_splice_default if use_splice is None else use_splice
+        self.pumps = (
+            _Pump(self, inbound, upstream, forward_done, splice),
+            _Pump(self, upstream, inbound, backward_done, splice),
+        )
+        self.idle_timeout = idle_timeout
+        self.last_activity = self.loop.time()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    def pump_finished(self) -> None:
+        if all(pump.finished for pump in self.pumps) and not self.done.done():
+            self.done.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    async def run(self) -> None:
+        for sock in (self.inbound, self.upstream):
+            sock.setblocking(False)
+        for pump in self.pumps:
+            pump.start()
+        if self.idle_timeout:
+            self._idle_timer = self._schedule_idle_check()
+        clean = False
+        try:
+            await self.done
+            clean = True
+        finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            for pump in self.pumps:
+                pump.stop()
+            for sock in (self.inbound, self.upstream):
+                if not clean:
+                    _set_reset_on_close(sock)
+                sock.close()
+
+    def _schedule_idle_check(self) -> asyncio.TimerHandle:
+        assert self.idle_timeout is not None
+        due = self.last_activity + self.idle_timeout
+        return self.loop.call_at(due, self._check_idle)
+
+    def _check_idle(self) -> None:
+        assert self.idle_timeout is not None
+        if self.done.done():
+            return
+        if self.loop.time() - self.last_activity >= self.idle_timeout:
+            self.fail(TimeoutError(f"no traffic for {self.idle_timeout:g} s (idle timeout)"))
+        else:
+            self._idle_timer = self._schedule_idle_check()
+
+    @property
+    def bytes_forward(self) -> int:
+        return self.pumps[0].bytes
+
+    @property
+    def bytes_backward(self) -> int:
+        return self.pumps[1].bytes
+
+
+def _set_reset_on_close(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass

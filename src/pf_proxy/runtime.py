@@ -1,0 +1,75 @@
+"""Process set-up shared by every command: logging, the event loop, limits, systemd."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import socket
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+log = logging.getLogger("pf_proxy")
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Information to stdout, warnings and errors to stderr (as the originals print).
+
+    Under systemd (JOURNAL_STREAM set) the journal adds its own timestamps.
+    """
+    timestamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    formatter = logging.Formatter(f"{timestamp}%(levelname)s %(message)s")
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(_BelowWarning())
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.handlers.clear()
+    for handler in (out, err):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def systemd_notify(state: str) -> None:
+    """Send `state` (e.g. READY=1) to systemd when NOTIFY_SOCKET is set; else do nothing."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("systemd notify %s to %s failed: %s", state, address, exc)
+
+
+def run(main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` on uvloop when importable (asyncio's loop otherwise); return its code."""
+    limit = raise_open_file_limit()
+    log.info("Open file limit: %d", limit)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)  # type: ignore[no-any-return]
