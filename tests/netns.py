@@ -27,7 +27,9 @@ class Netns:
     def command(self, args: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *args]
 
-    def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command inside the namespace; raise with its output if it fails."""
         result = subprocess.run(
             self.command(args), capture_output=True, text=True, timeout=timeout

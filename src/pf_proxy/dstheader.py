@@ -40,8 +40,10 @@ def encode_destination(destination: Destination) -> bytes:
     if not 0 <= port <= 0xFFFF:
         raise HeaderError(f"port {port} out of range")
     if address.version == 4:
-        return bytes([IPV4_MARKER]) + int(address).to_bytes(4, "little") + port.to_bytes(2, "little")
-    return bytes([IPV6_MARKER]) + int(address).to_bytes(16, "little") + port.to_bytes(2, "little")
+        marker, size = IPV4_MARKER, 4
+    else:
+        marker, size = IPV6_MARKER, 16
+    return bytes([marker]) + int(address).to_bytes(size, "little") + port.to_bytes(2, "little")
 
 
 def header_size(marker: int) -> int:

@@ -134,7 +134,12 @@ async def connect_socket(sock: socket.socket, address: object) -> None:
     err = sock.connect_ex(address)  # type: ignore[arg-type]
     if err in (errno.EINPROGRESS, errno.EAGAIN):
         ready = loop.create_future()
-        loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+
+        def on_writable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_writer(sock.fileno(), on_writable)
         try:
             await ready
         finally:

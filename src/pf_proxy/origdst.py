@@ -17,6 +17,7 @@ SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
 SOCKADDR_IN_SIZE = 16  # struct sockaddr_in
 SOCKADDR_IN6_SIZE = 28  # struct sockaddr_in6
+SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)  # linux/socket.h; absent from typeshed
 
 
 class OriginalDestinationError(OSError):
@@ -26,12 +27,10 @@ class OriginalDestinationError(OSError):
 def original_destination(sock: socket.socket) -> Destination:
     try:
         if sock.family == socket.AF_INET6:
-            raw = sock.getsockopt(socket.SOL_IPV6, IP6T_SO_ORIGINAL_DST, SOCKADDR_IN6_SIZE)
+            raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, SOCKADDR_IN6_SIZE)
             port = struct.unpack_from("!H", raw, 2)[0]
             mapped = ipaddress.IPv6Address(raw[8:24])
-            address: ipaddress.IPv4Address | ipaddress.IPv6Address = (
-                mapped.ipv4_mapped or mapped
-            )
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address = mapped.ipv4_mapped or mapped
         else:
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, SOCKADDR_IN_SIZE)
             port = struct.unpack_from("!H", raw, 2)[0]

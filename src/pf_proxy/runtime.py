@@ -72,4 +72,5 @@ def run(main: Coroutine[Any, Any, int]) -> int:
         import uvloop
     except ImportError:
         return asyncio.run(main)
-    return uvloop.run(main)  # type: ignore[no-any-return]
+    result: int = uvloop.run(main)
+    return result

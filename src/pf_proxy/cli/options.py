@@ -22,7 +22,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-class _AddressType(click.ParamType):
+class _AddressType(click.ParamType):  # type: ignore[type-arg]
     """Turns an AddressError into click's usage error (exit 2, naming the flag)."""
 
     def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
@@ -45,21 +45,31 @@ IP_TARGET_ADDRESS = _AddressType(
 )
 CID = _AddressType("CID", parse_cid)
 
-__all__ = ["CID", "IP_LISTEN_ADDRESS", "IP_TARGET_ADDRESS", "VSOCK_ADDRESS", "IpAddress",
-           "VsockAddress", "command", "timeouts"]
+__all__ = [
+    "CID",
+    "IP_LISTEN_ADDRESS",
+    "IP_TARGET_ADDRESS",
+    "VSOCK_ADDRESS",
+    "IpAddress",
+    "VsockAddress",
+    "command",
+    "timeouts",
+]
 
 
 def command(help_text: str) -> Callable[[F], F]:
     """A click command with -h/--help and -V/--version, as the originals have."""
 
     def decorate(func: F) -> F:
-        func = click.version_option(__version__, "-V", "--version", prog_name=func.__name__.replace("_", "-"))(func)
-        return click.command(context_settings=CONTEXT_SETTINGS, help=help_text)(func)  # type: ignore[return-value]
+        name = func.__name__.replace("_", "-")
+        func = click.version_option(__version__, "-V", "--version", prog_name=name)(func)
+        decorated = click.command(context_settings=CONTEXT_SETTINGS, help=help_text)(func)
+        return decorated  # type: ignore[return-value]
 
     return decorate
 
 
-def _seconds(allow_off: bool) -> click.ParamType:
+def _seconds(allow_off: bool) -> click.FloatRange:
     return click.FloatRange(min=0, min_open=not allow_off)
 
 

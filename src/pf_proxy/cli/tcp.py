@@ -22,15 +22,24 @@ from pf_proxy.endpoints import Endpoint, IpAddress, IpEndpoint, VsockAddress, vs
 log = logging.getLogger("pf_proxy")
 
 VSOCK_LISTEN = click.option(
-    "-v", "--vsock-addr", required=True, type=VSOCK_ADDRESS,
+    "-v",
+    "--vsock-addr",
+    required=True,
+    type=VSOCK_ADDRESS,
     help="vsock address of the listener <cid:port>, e.g. 88:4000",
 )
 VSOCK_TARGET = click.option(
-    "-v", "--vsock-addr", required=True, type=VSOCK_ADDRESS,
+    "-v",
+    "--vsock-addr",
+    required=True,
+    type=VSOCK_ADDRESS,
     help="vsock address of the upstream target <cid:port>, e.g. 88:5000",
 )
 IP_LISTEN = click.option(
-    "-i", "--ip-addr", required=True, type=IP_LISTEN_ADDRESS,
+    "-i",
+    "--ip-addr",
+    required=True,
+    type=IP_LISTEN_ADDRESS,
     help="IP address of the listener <ip:port>, e.g. 127.0.0.1:1200 or [::1]:1200",
 )
 
@@ -47,8 +56,10 @@ def _run(
     runtime.configure_logging()
     for endpoint in (listen,):
         if getattr(endpoint, "emulated", False):
-            log.info("vsock emulation on: vsock addresses are Unix sockets in %s",
-                     getattr(endpoint, "emulation_dir", "?"))
+            log.info(
+                "vsock emulation on: vsock addresses are Unix sockets in %s",
+                getattr(endpoint, "emulation_dir", "?"),
+            )
     settings = engine.Settings(
         forward=forward,
         backward=backward,
@@ -65,14 +76,23 @@ def _run(
 
 @command("Forward connections accepted on a vsock address to a TCP/IP endpoint.")
 @VSOCK_LISTEN
-@click.option("-i", "--ip-addr", required=True, type=IP_TARGET_ADDRESS,
-              help="IP address of the upstream target <ip:port> (or host:port), "
-                   "e.g. 127.0.0.1:8080")
+@click.option(
+    "-i",
+    "--ip-addr",
+    required=True,
+    type=IP_TARGET_ADDRESS,
+    help="IP address of the upstream target <ip:port> (or host:port), e.g. 127.0.0.1:8080",
+)
 @timeouts
 def vsock_to_ip(vsock_addr: VsockAddress, ip_addr: IpAddress, **timeout: float) -> None:
     upstream = IpEndpoint(ip_addr)
-    _run(vsock_endpoint(vsock_addr), lambda: routes.fixed(upstream),
-         "vsock to ip", "ip to vsock", **timeout)
+    _run(
+        vsock_endpoint(vsock_addr),
+        lambda: routes.fixed(upstream),
+        "vsock to ip",
+        "ip to vsock",
+        **timeout,
+    )
 
 
 @command("Forward connections accepted on a TCP/IP address to a vsock endpoint.")
@@ -81,43 +101,79 @@ def vsock_to_ip(vsock_addr: VsockAddress, ip_addr: IpAddress, **timeout: float) 
 @timeouts
 def ip_to_vsock(ip_addr: IpAddress, vsock_addr: VsockAddress, **timeout: float) -> None:
     upstream = vsock_endpoint(vsock_addr)
-    _run(IpEndpoint(ip_addr), lambda: routes.fixed(upstream),
-         "ip to vsock", "vsock to ip", **timeout)
+    _run(
+        IpEndpoint(ip_addr), lambda: routes.fixed(upstream), "ip to vsock", "vsock to ip", **timeout
+    )
 
 
-@command("Transparent proxy from vsock to IP: each vsock stream starts with the destination "
-         "header written by ip-to-vsock-transparent; connect there and relay.")
-@click.option("-v", "--vsock-addr", required=True, type=VSOCK_ADDRESS,
-              help="vsock address of the listener, open to the transparent proxy sender "
-                   "<cid:port>, e.g. 3:1200")
+@command(
+    "Transparent proxy from vsock to IP: each vsock stream starts with the destination "
+    "header written by ip-to-vsock-transparent; connect there and relay."
+)
+@click.option(
+    "-v",
+    "--vsock-addr",
+    required=True,
+    type=VSOCK_ADDRESS,
+    help="vsock address of the listener, open to the transparent proxy sender "
+    "<cid:port>, e.g. 3:1200",
+)
 @timeouts
 def vsock_to_ip_transparent(vsock_addr: VsockAddress, **timeout: float) -> None:
-    _run(vsock_endpoint(vsock_addr), routes.from_destination_header,
-         "vsock to ip", "ip to vsock", **timeout)
+    _run(
+        vsock_endpoint(vsock_addr),
+        routes.from_destination_header,
+        "vsock to ip",
+        "ip to vsock",
+        **timeout,
+    )
 
 
-@command("Transparent proxy from IP to vsock: read each connection's original destination "
-         "(SO_ORIGINAL_DST, after iptables REDIRECT/DNAT), send it as the destination header, "
-         "then relay.")
+@command(
+    "Transparent proxy from IP to vsock: read each connection's original destination "
+    "(SO_ORIGINAL_DST, after iptables REDIRECT/DNAT), send it as the destination header, "
+    "then relay."
+)
 @IP_LISTEN
-@click.option("-v", "--vsock-addr", required=True, type=VSOCK_ADDRESS,
-              help="vsock address of the upstream transparent proxy receiver <cid:port>, "
-                   "e.g. 3:1200")
+@click.option(
+    "-v",
+    "--vsock-addr",
+    required=True,
+    type=VSOCK_ADDRESS,
+    help="vsock address of the upstream transparent proxy receiver <cid:port>, e.g. 3:1200",
+)
 @timeouts
-def ip_to_vsock_transparent(ip_addr: IpAddress, vsock_addr: VsockAddress,
-                            **timeout: float) -> None:
+def ip_to_vsock_transparent(ip_addr: IpAddress, vsock_addr: VsockAddress, **timeout: float) -> None:
     upstream = vsock_endpoint(vsock_addr)
-    _run(IpEndpoint(ip_addr), lambda: routes.with_destination_header(upstream),
-         "ip to vsock", "vsock to ip", **timeout)
+    _run(
+        IpEndpoint(ip_addr),
+        lambda: routes.with_destination_header(upstream),
+        "ip to vsock",
+        "vsock to ip",
+        **timeout,
+    )
 
 
-@command("Transparent proxy to vsock by port: connect each redirected connection to vsock "
-         "CID:<original destination port>.")
+@command(
+    "Transparent proxy to vsock by port: connect each redirected connection to vsock "
+    "CID:<original destination port>."
+)
 @IP_LISTEN
-@click.option("-v", "--vsock", "cid", required=True, type=CID,
-              help="CID of the upstream vsock side (the port is the original one), e.g. 88")
+@click.option(
+    "-v",
+    "--vsock",
+    "cid",
+    required=True,
+    type=CID,
+    help="CID of the upstream vsock side (the port is the original one), e.g. 88",
+)
 @timeouts
 def transparent_port_to_vsock(ip_addr: IpAddress, cid: int, **timeout: float) -> None:
     template = vsock_endpoint(VsockAddress(cid, 0))
-    _run(IpEndpoint(ip_addr), lambda: routes.to_original_port(cid, template),
-         "port to vsock", "vsock to port", **timeout)
+    _run(
+        IpEndpoint(ip_addr),
+        lambda: routes.to_original_port(cid, template),
+        "port to vsock",
+        "vsock to port",
+        **timeout,
+    )
