@@ -1,0 +1,270 @@
+"""vsock-to-ip and ip-to-vsock as real processes over emulated vsock."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import EchoServer, Proxy, exchange, free_port, running
+
+MiB = 1 << 20
+
+
+@pytest.fixture(params=["splice", "copy"])
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """Emulated vsock in a fresh directory, on each of the relay's two paths."""
+    vsock_dir = tmp_path / "vsock"
+    vsock_dir.mkdir()
+    values = {"PF_PROXY_VSOCK_DIR": str(vsock_dir)}
+    if request.param == "copy":
+        values["PF_PROXY_NO_SPLICE"] = "1"
+    return values
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pair(
+    env: dict[str, str], echo: EchoServer, tmp_path: Path
+) -> Iterator[tuple[int, Proxy, Proxy]]:
+    """client -> ip-to-vsock -> emulated vsock 88:4000 -> vsock-to-ip -> echo server."""
+    port = free_port()
+    with (
+        running(
+            "vsock-to-ip",
+            "-v",
+            "88:4000",
+            "-i",
+            f"127.0.0.1:{echo.port}",
+            log_dir=tmp_path,
+            env=env,
+        ) as inner,
+        running(
+            "ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", "88:4000", log_dir=tmp_path, env=env
+        ) as outer,
+    ):
+        yield port, outer, inner
+
+
+def test_64_mib_both_ways_with_half_close(pair: tuple[int, Proxy, Proxy]) -> None:
+    port, outer, inner = pair
+    payload = os.urandom(64 * MiB)
+    received = exchange(("127.0.0.1", port), payload, timeout=60)
+    assert len(received) == len(payload)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    outer.wait_for("ip to vsock IO copy done, from 127.0.0.1:")
+    outer.wait_for("vsock to ip IO copy done, from vsock 88:4000 to 127.0.0.1:")
+    inner.wait_for("vsock to ip IO copy done, from 88:4000 to 127.0.0.1:")
+
+
+def test_half_close_keeps_other_direction_open(pair: tuple[int, Proxy, Proxy]) -> None:
+    """After the client's EOF the server can still send; the client sees all, then EOF."""
+    port, _, _ = pair
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"first")
+        assert sock.recv(5) == b"first"
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(100) == b""  # the echo server half-closes after our EOF
+
+
+def test_200_concurrent_connections(pair: tuple[int, Proxy, Proxy]) -> None:
+    port, outer, _ = pair
+
+    async def one(index: int) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        payload = index.to_bytes(4, "big") * 4096
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        received = await reader.read()
+        writer.close()
+        return received == payload
+
+    async def all_of_them() -> list[bool]:
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(200))), 60)
+
+    results = asyncio.run(all_of_them())
+    assert results.count(True) == 200
+    assert outer.process.poll() is None
+
+
+def test_upstream_refused_then_recovers(env: dict[str, str], tmp_path: Path) -> None:
+    dead_port = free_port()
+    with running(
+        "vsock-to-ip", "-v", "88:4001", "-i", f"127.0.0.1:{dead_port}", log_dir=tmp_path, env=env
+    ) as proxy:
+        path = str(Path(env["PF_PROXY_VSOCK_DIR"]) / "88_4001.sock")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(b"hello")
+            try:
+                assert sock.recv(10) == b""
+            except ConnectionResetError:
+                pass  # reset is as good as EOF: the inbound connection was closed
+        proxy.wait_for(f"failed to connect to TCP endpoint 127.0.0.1:{dead_port}", stream="stderr")
+        # The upstream appears on the same port: the proxy still serves.
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", dead_port))
+        server.listen()
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(10)
+                sock.connect(path)
+                conn, _ = server.accept()
+                sock.sendall(b"ping")
+                assert conn.recv(4) == b"ping"
+                conn.sendall(b"pong")
+                assert sock.recv(4) == b"pong"
+                conn.close()
+        finally:
+            server.close()
+        assert proxy.process.poll() is None
+
+
+def test_host_name_upstream(env: dict[str, str], echo: EchoServer, tmp_path: Path) -> None:
+    with running(
+        "vsock-to-ip", "-v", "88:4002", "-i", f"localhost:{echo.port}", log_dir=tmp_path, env=env
+    ) as proxy:
+        path = str(Path(env["PF_PROXY_VSOCK_DIR"]) / "88_4002.sock")
+        assert exchange(path, b"by name" * 1000, family=socket.AF_UNIX) == b"by name" * 1000
+        proxy.wait_for(f"Proxying to: localhost:{echo.port}")
+
+
+def test_emulation_announced_and_cid_any_listener(
+    env: dict[str, str], echo: EchoServer, tmp_path: Path
+) -> None:
+    """A listener on VMADDR_CID_ANY (4294967295) takes connections for any CID."""
+    port = free_port()
+    with (
+        running(
+            "vsock-to-ip",
+            "-v",
+            "4294967295:4003",
+            "-i",
+            f"127.0.0.1:{echo.port}",
+            log_dir=tmp_path,
+            env=env,
+        ) as inner,
+        running(
+            "ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", "88:4003", log_dir=tmp_path, env=env
+        ),
+    ):
+        assert "vsock emulation on" in inner.stdout
+        assert exchange(("127.0.0.1", port), b"any cid") == b"any cid"
+
+
+# --- start-up failures ----------------------------------------------------------------------
+
+
+def run_briefly(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=20, env={**os.environ, **(env or {})}
+    )
+
+
+def test_bind_failure_on_ip_address_in_use(env: dict[str, str]) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_briefly("ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", "88:1", env=env)
+    assert result.returncode == 1
+    assert f"Failed to bind listener to 127.0.0.1:{port}" in result.stderr
+    assert "Address already in use" in result.stderr
+
+
+def test_bind_failure_on_real_vsock() -> None:
+    """No usable AF_VSOCK here: binding fails cleanly (nothing is ever connected)."""
+    env = {k: v for k, v in os.environ.items() if k != "PF_PROXY_VSOCK_DIR"}
+    result = subprocess.run(
+        ["vsock-to-ip", "-v", "88:4000", "-i", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "Failed to bind listener to vsock 88:4000" in result.stderr
+
+
+def test_live_emulated_listener_is_address_in_use(env: dict[str, str], tmp_path: Path) -> None:
+    with running("vsock-to-ip", "-v", "88:4004", "-i", "127.0.0.1:1", log_dir=tmp_path, env=env):
+        result = run_briefly("vsock-to-ip", "-v", "88:4004", "-i", "127.0.0.1:1", env=env)
+    assert result.returncode == 1
+    assert "Failed to bind listener to vsock 88:4004" in result.stderr
+    assert "address in use" in result.stderr
+
+
+def test_stale_emulated_socket_is_replaced(
+    env: dict[str, str], echo: EchoServer, tmp_path: Path
+) -> None:
+    path = Path(env["PF_PROXY_VSOCK_DIR"]) / "88_4005.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody accepts on it
+    assert path.exists()
+    with running(
+        "vsock-to-ip", "-v", "88:4005", "-i", f"127.0.0.1:{echo.port}", log_dir=tmp_path, env=env
+    ):
+        assert exchange(str(path), b"fresh", family=socket.AF_UNIX) == b"fresh"
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["vsock-to-ip", "-v", "88-4000", "-i", "127.0.0.1:80"], "'-v' / '--vsock-addr'"),
+        (["vsock-to-ip", "-v", "88:4000", "-i", "bad_host:80"], "'-i' / '--ip-addr'"),
+        (["vsock-to-ip", "-v", "88:4000"], "'-i' / '--ip-addr'"),
+        (["ip-to-vsock", "-i", "localhost:3000", "-v", "88:5000"], "'-i' / '--ip-addr'"),
+        (["ip-to-vsock", "-i", "0.0.0.0:3000", "-v", "88:5000:1"], "'-v' / '--vsock-addr'"),
+        (["vsock-to-ip-transparent", "-v", ":1200"], "'-v' / '--vsock-addr'"),
+        (["ip-to-vsock-transparent", "-i", "127.0.0.1:1200", "-v", "3"], "'-v' / '--vsock-addr'"),
+        (["ip-to-vsock-transparent", "-i", "127.0.0.1", "-v", "3:1200"], "'-i' / '--ip-addr'"),
+        (["transparent-port-to-vsock", "-i", "127.0.0.1:1200", "-v", "88:1"], "'-v' / '--vsock'"),
+        (["transparent-port-to-vsock", "-i", "127.0.0.1:1200", "-v", "x"], "'-v' / '--vsock'"),
+        (
+            ["ip-to-vsock", "-i", "0.0.0.0:3000", "-v", "88:1", "--connect-timeout", "0"],
+            "'--connect-timeout'",
+        ),
+        (["ip-to-vsock", "-i", "0.0.0.0:3000", "-v", "88:1", "--bogus"], "--bogus"),
+    ],
+)
+def test_usage_errors_exit_2_naming_the_flag(args: list[str], flag: str) -> None:
+    result = run_briefly(*args)
+    assert result.returncode == 2, result
+    assert flag in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "vsock-to-ip",
+        "ip-to-vsock",
+        "vsock-to-ip-transparent",
+        "ip-to-vsock-transparent",
+        "transparent-port-to-vsock",
+    ],
+)
+def test_help_and_version(command: str) -> None:
+    for flag in ("-h", "--help"):
+        result = run_briefly(command, flag)
+        assert result.returncode == 0
+        assert "Usage:" in result.stdout
+    for flag in ("-V", "--version"):
+        result = run_briefly(command, flag)
+        assert result.returncode == 0
+        assert result.stdout.startswith(f"{command}, version ")
