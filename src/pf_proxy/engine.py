@@ -114,7 +114,7 @@ def _peer_name(peer: object, listener_name: str) -> str:
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if isinstance(peer, tuple) and len(peer) == 2:  # AF_VSOCK (cid, port)
-        return f"{peer[0]}:{peer[1]}"
+        return f"vsock {peer[0]}:{peer[1]}"
     return listener_name  # emulated vsock: the peer has no address of its own
 
 
@@ -194,7 +194,7 @@ async def serve(listen: Endpoint, route: Route, settings: Settings) -> int:
         log.error("%s", exc)
         return 1
     loop = asyncio.get_running_loop()
-    listener = Listener(sock, _listen_name(listen), route, settings)
+    listener = Listener(sock, str(listen), route, settings)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -206,7 +206,3 @@ async def serve(listen: Endpoint, route: Route, settings: Settings) -> int:
     systemd_notify("STOPPING=1")
     await listener.close(settings.drain_timeout)
     return 0
-
-
-def _listen_name(listen: Endpoint) -> str:
-    return str(getattr(listen, "address", listen))

@@ -66,7 +66,7 @@ def test_64_mib_both_ways_with_half_close(pair: tuple[int, Proxy, Proxy]) -> Non
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
     outer.wait_for("ip to vsock IO copy done, from 127.0.0.1:")
     outer.wait_for("vsock to ip IO copy done, from vsock 88:4000 to 127.0.0.1:")
-    inner.wait_for("vsock to ip IO copy done, from 88:4000 to 127.0.0.1:")
+    inner.wait_for("vsock to ip IO copy done, from vsock 88:4000 to 127.0.0.1:")
 
 
 def test_half_close_keeps_other_direction_open(pair: tuple[int, Proxy, Proxy]) -> None:

@@ -17,7 +17,14 @@ from pf_proxy.cli.options import (
     command,
     timeouts,
 )
-from pf_proxy.endpoints import Endpoint, IpAddress, IpEndpoint, VsockAddress, vsock_endpoint
+from pf_proxy.endpoints import (
+    Endpoint,
+    IpAddress,
+    IpEndpoint,
+    VsockAddress,
+    emulation_dir_from_env,
+    vsock_endpoint,
+)
 
 log = logging.getLogger("pf_proxy")
 
@@ -54,12 +61,11 @@ def _run(
     drain_timeout: float,
 ) -> None:
     runtime.configure_logging()
-    for endpoint in (listen,):
-        if getattr(endpoint, "emulated", False):
-            log.info(
-                "vsock emulation on: vsock addresses are Unix sockets in %s",
-                getattr(endpoint, "emulation_dir", "?"),
-            )
+    emulation_dir = emulation_dir_from_env()
+    if emulation_dir is not None:
+        log.info(
+            "vsock emulation on: vsock CID:PORT is the Unix socket %s/CID_PORT.sock", emulation_dir
+        )
     settings = engine.Settings(
         forward=forward,
         backward=backward,
