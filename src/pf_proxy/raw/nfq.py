@@ -107,8 +107,9 @@ class NfQueue:
         self.packets_read = 0
         """Packets returned by :meth:`read_packets` so far."""
         self.overruns = 0
-        """Times the socket's receive buffer overflowed (ENOBUFS): queued messages were lost.
-        Their packets stay queued in the kernel until the next batch verdict drops them."""
+        """Times the socket's receive buffer overflowed (ENOBUFS). The kernel dropped the
+        packets it could not deliver at once (they count as user_dropped in
+        /proc/net/netfilter/nfnetlink_queue); nothing is left waiting for a verdict."""
         self.unusable_packets = 0
         """Queued packets not returned because they were not whole IPv4 packets (cut by the
         copy range, or another protocol queued here); they are dropped with the rest."""
@@ -212,8 +213,8 @@ class NfQueue:
     def drop_read_packets(self) -> None:
         """Give the verdict DROP, in one batch message, to every packet read so far.
 
-        The batch covers every queued packet up to the last id read, including any whose
-        message was lost to an overrun. Does nothing when there is nothing new to drop.
+        The kernel drops every packet still queued with an id up to the last one read. Does
+        nothing when nothing new was read.
         """
         if self._last_id is None or self._last_id == self._dropped_through:
             return
