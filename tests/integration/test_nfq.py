@@ -204,6 +204,19 @@ def test_a_packet_that_is_not_ipv4_is_counted_and_dropped(queued: Netns) -> None
         assert nothing_arrives(receiver)
 
 
+def test_a_packet_longer_than_the_copy_range_is_counted_not_cut(queued: Netns) -> None:
+    """65535 bytes fit lo's MTU but not the kernel's 65531-byte copy range."""
+    with inside(queued):
+        queue = NfQueue.open(0)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with queue, sender:
+        sender.sendto(udp_payload(65535), ("127.0.0.1", UDP_PORT))
+        sender.sendto(udp_payload(65531), ("127.0.0.1", UDP_PORT))
+        assert [len(p) for p in read_until(queue, 1)] == [65531]
+        assert queue.unusable_packets == 1
+        assert queue_state(queued, 0)["waiting"] == 0
+
+
 # The raw sender: packets written into a namespace's lo reach its sockets.
 
 

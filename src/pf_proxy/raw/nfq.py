@@ -8,9 +8,10 @@ protocol is small, so this module speaks it over a plain ``AF_NETLINK``/``NETLIN
 socket with ``struct`` on one reused buffer:
 
 - one ``NFQNL_MSG_CONFIG`` binds the queue and sets copy mode ``NFQNL_COPY_PACKET`` with the
-  largest range (the kernel caps it at 65531 bytes, more than any IPv4 packet it queues from a
-  device with MTU up to 65531); the ACK is checked, so a queue that another process holds is a
-  clear error;
+  largest range. The kernel caps that at 65531 bytes: only a device with a larger MTU (``lo``
+  at its default 65536) can queue a longer packet, and such a packet, arriving cut, is counted
+  and dropped rather than returned. The ACK is checked, so a queue that another process holds
+  is a clear error;
 - :meth:`NfQueue.read_packets` receives every message waiting on the socket (up to a batch)
   into one buffer and returns the packets as memoryviews of it. The kernel sends each packet
   as a datagram of its own (one ``NFQNL_MSG_PACKET`` each, seen on Linux 6.18), so a read is a
