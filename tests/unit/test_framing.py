@@ -125,7 +125,7 @@ def packet_lists(draw: st.DrawFn) -> list[bytes]:
     return packets
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(packets=packet_lists(), data=st.data())
 def test_any_chunking_gives_the_same_packets(packets: list[bytes], data: st.DataObject) -> None:
     stream = b"".join(packets)
@@ -135,7 +135,7 @@ def test_any_chunking_gives_the_same_packets(packets: list[bytes], data: st.Data
     assert frame_by_feed(chunks) == packets
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(packets=packet_lists(), data=st.data())
 def test_a_trailing_partial_packet_is_held_not_returned(
     packets: list[bytes], data: st.DataObject
@@ -160,7 +160,7 @@ segments = st.one_of(
 )
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(parts=st.lists(segments, max_size=10), data=st.data())
 def test_arbitrary_bytes_frame_as_the_oracle_says(parts: list[bytes], data: st.DataObject) -> None:
     """Any bytes in any chunks: the packets before the first bad header, then FramingError."""
