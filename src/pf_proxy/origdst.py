@@ -3,10 +3,17 @@
 After iptables REDIRECT or DNAT, `getsockname()` on the accepted socket shows the proxy's own
 address; the address the client asked for is kept by conntrack and read with
 SO_ORIGINAL_DST (IPv4) or IP6T_SO_ORIGINAL_DST (IPv6).
+
+The call fails only when conntrack is not running in the namespace at all. Once any NAT rule
+exists, conntrack tracks every connection, and for one that was never redirected (a client
+connecting to the listener directly) the "original" destination is the listener itself.
+Forwarding that would ask the far side to connect to its own copy of our address, so it is
+treated as no original destination too.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
@@ -40,4 +47,19 @@ def original_destination(sock: socket.socket) -> Destination:
             exc.errno,
             f"Failed to retrieve original destination from TCP stream: {exc.strerror or exc}",
         ) from exc
-    return Destination(address, port)
+    destination = Destination(address, port)
+    if _is_local_address(sock, destination):
+        raise OriginalDestinationError(
+            errno.ENOENT,
+            "Failed to retrieve original destination from TCP stream: the connection was not "
+            f"redirected (its original destination {destination} is this listener)",
+        )
+    return destination
+
+
+def _is_local_address(sock: socket.socket, destination: Destination) -> bool:
+    host, port = sock.getsockname()[:2]
+    local = ipaddress.ip_address(host.partition("%")[0])
+    if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped:
+        local = local.ipv4_mapped
+    return (local, port) == (destination.address, destination.port)

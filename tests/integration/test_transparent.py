@@ -1,0 +1,697 @@
+"""The transparent proxies in network namespaces, with real iptables/ip6tables REDIRECT rules.
+
+Two namespaces stand for the two sides of a Nitro enclave, linked only by emulated vsock
+(Unix sockets in a directory both can see):
+
+- "enclave": only `lo`, a default route `dev lo src 127.0.0.1` (and `src ::1`), and a nat
+  OUTPUT rule redirecting the server's address to the transparent listener on port 1200. The
+  enclave has no other way to reach the server: it knows it only as the original destination.
+- "host": the server's address on its own `lo`, the server, and the vsock side of the proxy.
+
+The clients and servers run in this test process: their sockets are created inside the
+namespaces (a short-lived thread enters the namespace with setns(2), makes the socket and
+exits; a socket keeps the namespace it was made in). The proxies are the real console
+scripts, started inside the namespaces; their stdout/stderr go to files.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.netns import Netns, netns
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(90)]
+
+MiB = 1 << 20
+TRANSPARENT_PORT = 1200
+SERVER_V4 = "192.0.2.10"  # TEST-NET-1: in the host namespace only
+SERVER_V6 = "2001:db8::10"  # documentation prefix: in the host namespace only
+WAIT = 15.0  # seconds any single step may take before the test fails
+
+T = TypeVar("T")
+
+# --- namespaces -----------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000  # linux/sched.h
+
+
+def in_netns(ns: Netns, make: Callable[[], T]) -> T:
+    """Call `make` on a thread that has entered `ns`'s network namespace; return its result."""
+    result: dict[str, Any] = {}
+
+    def enter_and_make() -> None:
+        try:
+            fd = os.open(f"/var/run/netns/{ns.name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({ns.name}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result["value"] = make()
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=enter_and_make)
+    thread.start()
+    thread.join(WAIT)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]  # type: ignore[no-any-return]
+
+
+def enclave_namespace(ns: Netns, *, ipv6: bool = False) -> None:
+    """Give an enclave-style namespace a default route over lo with a usable source."""
+    ns.run("ip", "route", "add", "default", "dev", "lo", "src", "127.0.0.1")
+    if ipv6:
+        ns.run("ip", "-6", "route", "add", "default", "dev", "lo", "src", "::1")
+
+
+def redirect(ns: Netns, destination: str, *extra: str, port: int = TRANSPARENT_PORT) -> None:
+    """nat OUTPUT: TCP to `destination` goes to the local `port` instead."""
+    tool = "ip6tables" if ":" in destination else "iptables"
+    ns.run(
+        tool,
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        destination,
+        *extra,
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        str(port),
+    )
+
+
+# --- proxies as processes -------------------------------------------------------------------
+
+
+def _script(name: str) -> str:
+    """The console script next to this interpreter (a virtualenv's bin), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    assert found, f"console script {name} not found"
+    return found
+
+
+class NsProxy:
+    """A console script running inside a namespace, its stdout and stderr in files."""
+
+    def __init__(self, ns: Netns, args: Sequence[str], log_dir: Path, env: dict[str, str]):
+        self.args = list(args)
+        stem = log_dir / f"{ns.name}-{args[0]}-{time.monotonic_ns()}"
+        self.stdout_path = stem.with_suffix(".out")
+        self.stderr_path = stem.with_suffix(".err")
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.process = ns.popen(
+                [_script(args[0]), *args[1:]],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **env},
+            )
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def wait_for(self, text: str, *, stream: str = "stdout", timeout: float = WAIT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in (self.stdout if stream == "stdout" else self.stderr):
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        if text in (self.stdout if stream == "stdout" else self.stderr):
+            return
+        raise AssertionError(
+            f"{text!r} not seen on {stream} of {self.args} (exit {self.process.poll()}):\n"
+            f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+        )
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            return self.process.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            os.kill(self.process.pid, signal.SIGKILL)
+            return self.process.wait(WAIT)
+
+
+@contextmanager
+def proxy(ns: Netns, *args: str, log_dir: Path, env: dict[str, str]) -> Iterator[NsProxy]:
+    """Start a proxy in `ns`, wait for "Listening on:", stop it (SIGTERM) at the end."""
+    running = NsProxy(ns, args, log_dir, env)
+    try:
+        running.wait_for("Listening on:")
+        yield running
+    finally:
+        code = running.stop()
+        assert code == 0, f"{args} exited {code} on SIGTERM:\n{running.stderr}"
+
+
+# --- servers and clients --------------------------------------------------------------------
+
+
+class Server:
+    """A TCP server on a listening socket made in some namespace, one thread per connection.
+
+    Each connection gets `greeting` first, then every byte it sends echoed back; after the
+    client's EOF the server half-closes too.
+    """
+
+    def __init__(self, listener: socket.socket, greeting: bytes = b"") -> None:
+        self.listener = listener
+        self.greeting = greeting
+        self.port: int = listener.getsockname()[1]
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(WAIT * 2)
+            try:
+                conn.sendall(self.greeting)
+                while data := conn.recv(1 << 16):
+                    conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+
+@contextmanager
+def server_in(ns: Netns, host: str, greeting: bytes = b"") -> Iterator[Server]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    def listen() -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        sock.listen(64)
+        return sock
+
+    server = Server(in_netns(ns, listen), greeting)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def tcp_socket_in(ns: Netns, family: int = socket.AF_INET) -> socket.socket:
+    sock = in_netns(ns, lambda: socket.socket(family, socket.SOCK_STREAM))
+    sock.settimeout(WAIT * 2)
+    return sock
+
+
+def exchange(sock: socket.socket, address: Any, payload: bytes) -> bytes:
+    """Connect, send all of `payload`, shut down writing; return everything read until EOF.
+
+    A thread sends while this one reads, so large payloads cannot deadlock.
+    """
+    with sock:
+        sock.connect(address)
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+            except BaseException as exc:
+                errors.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        chunks = []
+        while chunk := sock.recv(1 << 20):
+            chunks.append(chunk)
+        sender.join(WAIT)
+        assert not errors, errors
+        return b"".join(chunks)
+
+
+def closed_without_data(sock: socket.socket, send: bytes = b"") -> bool:
+    """Send `send` (if any); True when the peer closes (EOF or reset) without answering.
+
+    The peer may close before or while we send: a reset or broken pipe then counts as closed.
+    """
+    try:
+        if send:
+            sock.sendall(send)
+        return sock.recv(1024) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+def same_bytes(received: bytes, expected: bytes) -> None:
+    assert len(received) == len(expected)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(expected).digest()
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def vsock_dir() -> Iterator[Path]:
+    """A short directory for the emulated vsock sockets (Unix socket paths max 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="pfp-vsock-") as name:
+        yield Path(name)
+
+
+@pytest.fixture(params=["splice", "copy"])
+def env(request: pytest.FixtureRequest, vsock_dir: Path) -> dict[str, str]:
+    values = {"PF_PROXY_VSOCK_DIR": str(vsock_dir)}
+    if request.param == "copy":
+        values["PF_PROXY_NO_SPLICE"] = "1"
+    return values
+
+
+@pytest.fixture
+def plain_env(vsock_dir: Path) -> dict[str, str]:
+    return {"PF_PROXY_VSOCK_DIR": str(vsock_dir)}
+
+
+@pytest.fixture
+def enclave() -> Iterator[Netns]:
+    with netns("pfp-enclave") as ns:
+        yield ns
+
+
+@pytest.fixture
+def host() -> Iterator[Netns]:
+    with netns("pfp-host") as ns:
+        yield ns
+
+
+# --- 1, 2: end to end through the transparent pair ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("server_address", "listen", "family"),
+    [
+        (SERVER_V4, f"127.0.0.1:{TRANSPARENT_PORT}", socket.AF_INET),
+        (SERVER_V6, f"[::1]:{TRANSPARENT_PORT}", socket.AF_INET6),
+    ],
+    ids=["ipv4", "ipv6"],
+)
+def test_enclave_reaches_host_server_by_original_destination(
+    enclave: Netns,
+    host: Netns,
+    env: dict[str, str],
+    tmp_path: Path,
+    server_address: str,
+    listen: str,
+    family: int,
+) -> None:
+    """client (enclave) -> REDIRECT -> ip-to-vsock-transparent -> vsock 3:1200 ->
+    vsock-to-ip-transparent (host) -> the server at the original destination; 4 MiB echoed
+    byte-exact, with half-close."""
+    ipv6 = family == socket.AF_INET6
+    prefix = "128" if ipv6 else "32"
+    host.run("ip", "addr", "add", f"{server_address}/{prefix}", "dev", "lo")
+    enclave_namespace(enclave, ipv6=ipv6)
+    redirect(enclave, server_address)
+
+    with server_in(host, server_address) as server:
+        # Without the proxies the enclave cannot reach the server: the rule sends it nowhere.
+        with tcp_socket_in(enclave, family) as probe, pytest.raises(ConnectionRefusedError):
+            probe.connect((server_address, server.port))
+        run_pair(enclave, host, env, tmp_path, server, server_address, listen, family)
+
+
+def run_pair(
+    enclave: Netns,
+    host: Netns,
+    env: dict[str, str],
+    tmp_path: Path,
+    server: Server,
+    server_address: str,
+    listen: str,
+    family: int,
+) -> None:
+    ipv6 = family == socket.AF_INET6
+    with (
+        proxy(host, "vsock-to-ip-transparent", "-v", "3:1200", log_dir=tmp_path, env=env) as inner,
+        proxy(
+            enclave,
+            "ip-to-vsock-transparent",
+            "-i",
+            listen,
+            "-v",
+            "3:1200",
+            log_dir=tmp_path,
+            env=env,
+        ) as outer,
+    ):
+        payload = os.urandom(4 * MiB)
+        received = exchange(tcp_socket_in(enclave, family), (server_address, server.port), payload)
+        same_bytes(received, payload)
+        assert server.connections == 1
+
+        original = (
+            f"[{server_address}]:{server.port}" if ipv6 else f"{server_address}:{server.port}"
+        )
+        outer.wait_for(f"Original destination: {original}")
+        outer.wait_for(f"with original_dst={original} from inbound TCP stream")
+        outer.wait_for("ip to vsock IO copy done")
+        outer.wait_for("vsock to ip IO copy done")
+        inner.wait_for(f"Proxying to: {original}")
+        inner.wait_for(f"vsock to ip IO copy done, from vsock 3:1200 to {original}")
+        inner.wait_for(f"ip to vsock IO copy done, from {original} to vsock 3:1200")
+    assert "Failed" not in outer.stderr + inner.stderr, outer.stderr + inner.stderr
+
+
+# --- 3: the header on the wire --------------------------------------------------------------
+
+
+class HeaderCatcher:
+    """Stands in for vsock-to-ip-transparent at the emulated path: records what arrives."""
+
+    def __init__(self, path: Path, reply: bytes) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(8)
+        self.listener.settimeout(WAIT)
+        self.reply = reply
+        self.received: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve_one, daemon=True)
+        self.thread.start()
+
+    def _serve_one(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(WAIT)
+            chunks = []
+            while chunk := conn.recv(1 << 16):
+                chunks.append(chunk)
+            self.received.append(b"".join(chunks))
+            conn.sendall(self.reply)
+
+    def result(self) -> bytes:
+        self.thread.join(WAIT)
+        assert self.received, "nothing reached the emulated vsock listener"
+        return self.received[0]
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize(
+    ("destination", "listen", "family", "header"),
+    [
+        (
+            "1.2.3.4",
+            f"127.0.0.1:{TRANSPARENT_PORT}",
+            socket.AF_INET,
+            bytes.fromhex("04 04030201 5000"),
+        ),
+        (
+            "2001:db8::1:2:3",
+            f"[::1]:{TRANSPARENT_PORT}",
+            socket.AF_INET6,
+            bytes.fromhex("06 0300 0200 0100 0000 0000 0000 b80d 0120 5000"),
+        ),
+    ],
+    ids=["ipv4", "ipv6"],
+)
+def test_destination_header_bytes_on_the_wire(
+    enclave: Netns,
+    plain_env: dict[str, str],
+    vsock_dir: Path,
+    tmp_path: Path,
+    destination: str,
+    listen: str,
+    family: int,
+    header: bytes,
+) -> None:
+    """The first 7 (IPv4) or 19 (IPv6) bytes on the vsock stream are reference.md's header
+    for the original destination, then the client's bytes unchanged; the reply comes back."""
+    assert len(header) == (7 if family == socket.AF_INET else 19)
+    enclave_namespace(enclave, ipv6=family == socket.AF_INET6)
+    redirect(enclave, destination)
+    catcher = HeaderCatcher(vsock_dir / "3_1200.sock", reply=b"reply from the host side")
+    try:
+        with proxy(
+            enclave,
+            "ip-to-vsock-transparent",
+            "-i",
+            listen,
+            "-v",
+            "3:1200",
+            log_dir=tmp_path,
+            env=plain_env,
+        ):
+            payload = b"GET / HTTP/1.0\r\n\r\n" + os.urandom(100_000)
+            received = exchange(tcp_socket_in(enclave, family), (destination, 80), payload)
+            wire = catcher.result()
+    finally:
+        catcher.close()
+    assert wire[: len(header)].hex(" ") == header.hex(" ")
+    assert wire[len(header) :] == payload
+    assert received == b"reply from the host side"
+
+
+# --- 4: transparent-port-to-vsock routes by original port -----------------------------------
+
+
+def test_transparent_port_to_vsock_routes_by_original_port(
+    enclave: Netns, host: Netns, plain_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Connections redirected from 192.0.2.20:80 and :8080 reach vsock 88:80 and 88:8080,
+    each a vsock-to-ip in the host namespace in front of its own server; a port nobody
+    listens on (9090) is closed and logged, and the others keep working."""
+    target = "192.0.2.20"
+    enclave_namespace(enclave)
+    redirect(enclave, target)
+    with ExitStack() as stack:
+        servers = {
+            port: stack.enter_context(server_in(host, "127.0.0.1", greeting=f"<{port}>".encode()))
+            for port in (80, 8080)
+        }
+        inners = {
+            port: stack.enter_context(
+                proxy(
+                    host,
+                    "vsock-to-ip",
+                    "-v",
+                    f"88:{port}",
+                    "-i",
+                    f"127.0.0.1:{server.port}",
+                    log_dir=tmp_path,
+                    env=plain_env,
+                )
+            )
+            for port, server in servers.items()
+        }
+        outer = stack.enter_context(
+            proxy(
+                enclave,
+                "transparent-port-to-vsock",
+                "-i",
+                f"127.0.0.1:{TRANSPARENT_PORT}",
+                "-v",
+                "88",
+                log_dir=tmp_path,
+                env=plain_env,
+            )
+        )
+
+        for round_ in range(2):
+            for port in (8080, 80):
+                payload = f"to port {port}, round {round_}: ".encode() + os.urandom(256 * 1024)
+                received = exchange(tcp_socket_in(enclave), (target, port), payload)
+                greeting = f"<{port}>".encode()
+                assert received[: len(greeting)] == greeting
+                same_bytes(received[len(greeting) :], payload)
+        assert {port: server.connections for port, server in servers.items()} == {80: 2, 8080: 2}
+
+        outer.wait_for(f"Original destination: {target}:80")
+        outer.wait_for(f"Original destination: {target}:8080")
+        outer.wait_for("Proxying to: vsock 88:80")
+        outer.wait_for("Proxying to: vsock 88:8080")
+        outer.wait_for("port to vsock IO copy done")
+        outer.wait_for("vsock to port IO copy done")
+        for port, inner in inners.items():
+            inner.wait_for(f"vsock to ip IO copy done, from vsock 88:{port} to 127.0.0.1:")
+
+        # No vsock listener on 88:9090: that one connection is closed and logged.
+        with tcp_socket_in(enclave) as sock:
+            sock.connect((target, 9090))
+            assert closed_without_data(sock, b"anyone there?")
+        outer.wait_for("failed to connect to vsock endpoint 88:9090", stream="stderr")
+        received = exchange(tcp_socket_in(enclave), (target, 80), b"still there")
+        assert received == b"<80>still there"
+
+
+# --- 5: a connection that was never redirected ----------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["ip-to-vsock-transparent", "transparent-port-to-vsock"])
+def test_connection_without_nat_is_closed_and_logged(
+    enclave: Netns, host: Netns, plain_env: dict[str, str], tmp_path: Path, command: str
+) -> None:
+    """In a namespace with no NAT rule at all (no conntrack), SO_ORIGINAL_DST fails: the
+    direct connection is closed and logged. Then a REDIRECT rule is added and a proper
+    connection goes through."""
+    enclave_namespace(enclave)
+    host.run("ip", "addr", "add", f"{SERVER_V4}/32", "dev", "lo")
+    with server_in(host, SERVER_V4) as server:
+        if command == "ip-to-vsock-transparent":
+            inner_args = ["vsock-to-ip-transparent", "-v", "3:1200"]
+            outer_args = [command, "-i", f"127.0.0.1:{TRANSPARENT_PORT}", "-v", "3:1200"]
+        else:
+            inner_args = [
+                "vsock-to-ip",
+                "-v",
+                f"88:{server.port}",
+                "-i",
+                f"{SERVER_V4}:{server.port}",
+            ]
+            outer_args = [command, "-i", f"127.0.0.1:{TRANSPARENT_PORT}", "-v", "88"]
+        with (
+            proxy(host, *inner_args, log_dir=tmp_path, env=plain_env),
+            proxy(enclave, *outer_args, log_dir=tmp_path, env=plain_env) as outer,
+        ):
+            with tcp_socket_in(enclave) as sock:
+                sock.connect(("127.0.0.1", TRANSPARENT_PORT))
+                assert closed_without_data(sock, b"hello?")
+            outer.wait_for("Failed to retrieve original destination", stream="stderr")
+            assert server.connections == 0
+
+            redirect(enclave, SERVER_V4)
+            payload = os.urandom(MiB)
+            received = exchange(tcp_socket_in(enclave), (SERVER_V4, server.port), payload)
+            same_bytes(received, payload)
+            assert server.connections == 1
+
+
+@pytest.mark.parametrize("command", ["ip-to-vsock-transparent", "transparent-port-to-vsock"])
+def test_direct_connection_with_conntrack_active_is_not_forwarded(
+    enclave: Netns, plain_env: dict[str, str], vsock_dir: Path, tmp_path: Path, command: str
+) -> None:
+    """With a NAT rule in place for other traffic, conntrack tracks the direct connection too
+    and SO_ORIGINAL_DST succeeds, naming the listener itself. That is no original destination:
+    the connection must be closed and logged, not forwarded (ip-to-vsock-transparent would
+    ask the far side to connect to its own 127.0.0.1:1200; transparent-port-to-vsock would go
+    to vsock CID:1200)."""
+    enclave_namespace(enclave)
+    redirect(enclave, SERVER_V4)
+    if command == "ip-to-vsock-transparent":
+        args = [command, "-i", f"127.0.0.1:{TRANSPARENT_PORT}", "-v", "3:1200"]
+        far_side = vsock_dir / "3_1200.sock"
+    else:
+        args = [command, "-i", f"127.0.0.1:{TRANSPARENT_PORT}", "-v", "88"]
+        far_side = vsock_dir / f"88_{TRANSPARENT_PORT}.sock"
+    catcher = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    catcher.bind(str(far_side))
+    catcher.listen(8)
+    catcher.setblocking(False)
+    try:
+        with proxy(enclave, *args, log_dir=tmp_path, env=plain_env) as outer:
+            with tcp_socket_in(enclave) as sock:
+                sock.connect(("127.0.0.1", TRANSPARENT_PORT))
+                assert closed_without_data(sock, b"hello?")
+            outer.wait_for("Failed to retrieve original destination", stream="stderr")
+            with pytest.raises(BlockingIOError):
+                catcher.accept()  # nothing was forwarded
+    finally:
+        catcher.close()
+
+
+# --- 6: vsock-to-ip-transparent fed garbage -------------------------------------------------
+
+
+def _unix_connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(WAIT)
+    sock.connect(str(path))
+    return sock
+
+
+def test_bad_headers_close_only_their_connection(
+    host: Netns, plain_env: dict[str, str], vsock_dir: Path, tmp_path: Path
+) -> None:
+    """A bad marker byte and a stream ending inside the header each close that connection
+    with a log line, while a good connection opened before them keeps relaying."""
+    host.run("ip", "addr", "add", f"{SERVER_V4}/32", "dev", "lo")
+    with (
+        server_in(host, SERVER_V4) as server,
+        proxy(
+            host, "vsock-to-ip-transparent", "-v", "3:1200", log_dir=tmp_path, env=plain_env
+        ) as inner,
+    ):
+        path = vsock_dir / "3_1200.sock"
+        header = (
+            bytes([4])
+            + int.from_bytes(socket.inet_aton(SERVER_V4), "big").to_bytes(4, "little")
+            + server.port.to_bytes(2, "little")
+        )
+        with _unix_connect(path) as good:
+            good.sendall(header + b"first half, ")
+            assert good.recv(100) == b"first half, "
+
+            with _unix_connect(path) as bad_marker:
+                assert closed_without_data(bad_marker, b"\x05" + bytes(18) + b"payload")
+            inner.wait_for("invalid IP version marker 5", stream="stderr")
+
+            with _unix_connect(path) as truncated:
+                truncated.sendall(header[:3])
+                truncated.shutdown(socket.SHUT_WR)
+                assert closed_without_data(truncated)
+            inner.wait_for("ended inside the destination header", stream="stderr")
+
+            with _unix_connect(path) as empty:
+                empty.shutdown(socket.SHUT_WR)
+                assert closed_without_data(empty)
+
+            good.sendall(b"second half")
+            good.shutdown(socket.SHUT_WR)
+            rest = b""
+            while chunk := good.recv(100):
+                rest += chunk
+            assert rest == b"second half"
+        assert server.connections == 1
+        inner.wait_for(f"vsock to ip IO copy done, from vsock 3:1200 to {SERVER_V4}:{server.port}")
