@@ -273,12 +273,16 @@ def exchange(sock: socket.socket, address: Any, payload: bytes) -> bytes:
         return b"".join(chunks)
 
 
-def closed_without_data(sock: socket.socket, send: bytes = b"") -> bool:
-    """Send `send` (if any); True when the peer closes (EOF or reset) without answering.
+def closed_without_data(sock: socket.socket, send: bytes = b"", connect_to: Any = None) -> bool:
+    """Connect to `connect_to` (if given), send `send` (if any); True when the peer closes
+    (EOF or reset) without answering.
 
-    The peer may close before or while we send: a reset or broken pipe then counts as closed.
+    The peer may close before connect() returns or while we send: a reset or broken pipe then
+    counts as closed too.
     """
     try:
+        if connect_to is not None:
+            sock.connect(connect_to)
         if send:
             sock.sendall(send)
         return sock.recv(1024) == b""
@@ -359,10 +363,10 @@ def test_enclave_reaches_host_server_by_original_destination(
         # Without the proxies the enclave cannot reach the server: the rule sends it nowhere.
         with tcp_socket_in(enclave, family) as probe, pytest.raises(ConnectionRefusedError):
             probe.connect((server_address, server.port))
-        run_pair(enclave, host, env, tmp_path, server, server_address, listen, family)
+        through_the_pair(enclave, host, env, tmp_path, server, server_address, listen)
 
 
-def run_pair(
+def through_the_pair(
     enclave: Netns,
     host: Netns,
     env: dict[str, str],
@@ -370,8 +374,8 @@ def run_pair(
     server: Server,
     server_address: str,
     listen: str,
-    family: int,
 ) -> None:
+    family = socket.AF_INET6 if ":" in server_address else socket.AF_INET
     ipv6 = family == socket.AF_INET6
     with (
         proxy(host, "vsock-to-ip-transparent", "-v", "3:1200", log_dir=tmp_path, env=env) as inner,
@@ -497,14 +501,23 @@ def test_destination_header_bytes_on_the_wire(
 # --- 4: transparent-port-to-vsock routes by original port -----------------------------------
 
 
+@pytest.mark.parametrize(
+    ("target", "listen"),
+    [
+        ("192.0.2.20", f"127.0.0.1:{TRANSPARENT_PORT}"),
+        ("2001:db8::20", f"[::1]:{TRANSPARENT_PORT}"),
+    ],
+    ids=["ipv4", "ipv6"],
+)
 def test_transparent_port_to_vsock_routes_by_original_port(
-    enclave: Netns, host: Netns, plain_env: dict[str, str], tmp_path: Path
+    enclave: Netns, host: Netns, plain_env: dict[str, str], tmp_path: Path, target: str, listen: str
 ) -> None:
-    """Connections redirected from 192.0.2.20:80 and :8080 reach vsock 88:80 and 88:8080,
-    each a vsock-to-ip in the host namespace in front of its own server; a port nobody
-    listens on (9090) is closed and logged, and the others keep working."""
-    target = "192.0.2.20"
-    enclave_namespace(enclave)
+    """Connections redirected from the target's port 80 and 8080 reach vsock 88:80 and
+    88:8080, each a vsock-to-ip in the host namespace in front of its own server; a port
+    nobody listens on (9090) is closed and logged, and the others keep working."""
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    shown = f"[{target}]" if family == socket.AF_INET6 else target
+    enclave_namespace(enclave, ipv6=family == socket.AF_INET6)
     redirect(enclave, target)
     with ExitStack() as stack:
         servers = {
@@ -531,7 +544,7 @@ def test_transparent_port_to_vsock_routes_by_original_port(
                 enclave,
                 "transparent-port-to-vsock",
                 "-i",
-                f"127.0.0.1:{TRANSPARENT_PORT}",
+                listen,
                 "-v",
                 "88",
                 log_dir=tmp_path,
@@ -542,14 +555,14 @@ def test_transparent_port_to_vsock_routes_by_original_port(
         for round_ in range(2):
             for port in (8080, 80):
                 payload = f"to port {port}, round {round_}: ".encode() + os.urandom(256 * 1024)
-                received = exchange(tcp_socket_in(enclave), (target, port), payload)
+                received = exchange(tcp_socket_in(enclave, family), (target, port), payload)
                 greeting = f"<{port}>".encode()
                 assert received[: len(greeting)] == greeting
                 same_bytes(received[len(greeting) :], payload)
         assert {port: server.connections for port, server in servers.items()} == {80: 2, 8080: 2}
 
-        outer.wait_for(f"Original destination: {target}:80")
-        outer.wait_for(f"Original destination: {target}:8080")
+        outer.wait_for(f"Original destination: {shown}:80")
+        outer.wait_for(f"Original destination: {shown}:8080")
         outer.wait_for("Proxying to: vsock 88:80")
         outer.wait_for("Proxying to: vsock 88:8080")
         outer.wait_for("port to vsock IO copy done")
@@ -558,72 +571,95 @@ def test_transparent_port_to_vsock_routes_by_original_port(
             inner.wait_for(f"vsock to ip IO copy done, from vsock 88:{port} to 127.0.0.1:")
 
         # No vsock listener on 88:9090: that one connection is closed and logged.
-        with tcp_socket_in(enclave) as sock:
-            sock.connect((target, 9090))
-            assert closed_without_data(sock, b"anyone there?")
+        with tcp_socket_in(enclave, family) as sock:
+            assert closed_without_data(sock, b"anyone there?", connect_to=(target, 9090))
         outer.wait_for("failed to connect to vsock endpoint 88:9090", stream="stderr")
-        received = exchange(tcp_socket_in(enclave), (target, 80), b"still there")
+        received = exchange(tcp_socket_in(enclave, family), (target, 80), b"still there")
         assert received == b"<80>still there"
 
 
 # --- 5: a connection that was never redirected ----------------------------------------------
 
 
+LOCAL_LISTEN_SERVER = pytest.mark.parametrize(
+    ("local", "listen", "server_address"),
+    [
+        ("127.0.0.1", f"127.0.0.1:{TRANSPARENT_PORT}", SERVER_V4),
+        ("::1", f"[::1]:{TRANSPARENT_PORT}", SERVER_V6),
+    ],
+    ids=["ipv4", "ipv6"],
+)
+
+
 @pytest.mark.parametrize("command", ["ip-to-vsock-transparent", "transparent-port-to-vsock"])
+@LOCAL_LISTEN_SERVER
 def test_connection_without_nat_is_closed_and_logged(
-    enclave: Netns, host: Netns, plain_env: dict[str, str], tmp_path: Path, command: str
+    enclave: Netns,
+    host: Netns,
+    plain_env: dict[str, str],
+    tmp_path: Path,
+    command: str,
+    local: str,
+    listen: str,
+    server_address: str,
 ) -> None:
     """In a namespace with no NAT rule at all (no conntrack), SO_ORIGINAL_DST fails: the
     direct connection is closed and logged. Then a REDIRECT rule is added and a proper
     connection goes through."""
-    enclave_namespace(enclave)
-    host.run("ip", "addr", "add", f"{SERVER_V4}/32", "dev", "lo")
-    with server_in(host, SERVER_V4) as server:
+    family = socket.AF_INET6 if ":" in local else socket.AF_INET
+    enclave_namespace(enclave, ipv6=family == socket.AF_INET6)
+    prefix = "128" if family == socket.AF_INET6 else "32"
+    host.run("ip", "addr", "add", f"{server_address}/{prefix}", "dev", "lo")
+    with server_in(host, server_address) as server:
         if command == "ip-to-vsock-transparent":
             inner_args = ["vsock-to-ip-transparent", "-v", "3:1200"]
-            outer_args = [command, "-i", f"127.0.0.1:{TRANSPARENT_PORT}", "-v", "3:1200"]
+            outer_args = [command, "-i", listen, "-v", "3:1200"]
         else:
-            inner_args = [
-                "vsock-to-ip",
-                "-v",
-                f"88:{server.port}",
-                "-i",
-                f"{SERVER_V4}:{server.port}",
-            ]
-            outer_args = [command, "-i", f"127.0.0.1:{TRANSPARENT_PORT}", "-v", "88"]
+            shown = f"[{server_address}]" if family == socket.AF_INET6 else server_address
+            inner_args = ["vsock-to-ip", "-v", f"88:{server.port}", "-i", f"{shown}:{server.port}"]
+            outer_args = [command, "-i", listen, "-v", "88"]
         with (
             proxy(host, *inner_args, log_dir=tmp_path, env=plain_env),
             proxy(enclave, *outer_args, log_dir=tmp_path, env=plain_env) as outer,
         ):
-            with tcp_socket_in(enclave) as sock:
-                sock.connect(("127.0.0.1", TRANSPARENT_PORT))
-                assert closed_without_data(sock, b"hello?")
+            with tcp_socket_in(enclave, family) as sock:
+                assert closed_without_data(sock, b"hello?", connect_to=(local, TRANSPARENT_PORT))
             outer.wait_for("Failed to retrieve original destination", stream="stderr")
             assert server.connections == 0
 
-            redirect(enclave, SERVER_V4)
+            redirect(enclave, server_address)
             payload = os.urandom(MiB)
-            received = exchange(tcp_socket_in(enclave), (SERVER_V4, server.port), payload)
+            address = (server_address, server.port)
+            received = exchange(tcp_socket_in(enclave, family), address, payload)
             same_bytes(received, payload)
             assert server.connections == 1
 
 
 @pytest.mark.parametrize("command", ["ip-to-vsock-transparent", "transparent-port-to-vsock"])
+@LOCAL_LISTEN_SERVER
 def test_direct_connection_with_conntrack_active_is_not_forwarded(
-    enclave: Netns, plain_env: dict[str, str], vsock_dir: Path, tmp_path: Path, command: str
+    enclave: Netns,
+    plain_env: dict[str, str],
+    vsock_dir: Path,
+    tmp_path: Path,
+    command: str,
+    local: str,
+    listen: str,
+    server_address: str,
 ) -> None:
     """With a NAT rule in place for other traffic, conntrack tracks the direct connection too
     and SO_ORIGINAL_DST succeeds, naming the listener itself. That is no original destination:
     the connection must be closed and logged, not forwarded (ip-to-vsock-transparent would
     ask the far side to connect to its own 127.0.0.1:1200; transparent-port-to-vsock would go
     to vsock CID:1200)."""
-    enclave_namespace(enclave)
-    redirect(enclave, SERVER_V4)
+    family = socket.AF_INET6 if ":" in local else socket.AF_INET
+    enclave_namespace(enclave, ipv6=family == socket.AF_INET6)
+    redirect(enclave, server_address)  # for other traffic: conntrack now runs
     if command == "ip-to-vsock-transparent":
-        args = [command, "-i", f"127.0.0.1:{TRANSPARENT_PORT}", "-v", "3:1200"]
+        args = [command, "-i", listen, "-v", "3:1200"]
         far_side = vsock_dir / "3_1200.sock"
     else:
-        args = [command, "-i", f"127.0.0.1:{TRANSPARENT_PORT}", "-v", "88"]
+        args = [command, "-i", listen, "-v", "88"]
         far_side = vsock_dir / f"88_{TRANSPARENT_PORT}.sock"
     catcher = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     catcher.bind(str(far_side))
@@ -631,10 +667,10 @@ def test_direct_connection_with_conntrack_active_is_not_forwarded(
     catcher.setblocking(False)
     try:
         with proxy(enclave, *args, log_dir=tmp_path, env=plain_env) as outer:
-            with tcp_socket_in(enclave) as sock:
-                sock.connect(("127.0.0.1", TRANSPARENT_PORT))
-                assert closed_without_data(sock, b"hello?")
+            with tcp_socket_in(enclave, family) as sock:
+                assert closed_without_data(sock, b"hello?", connect_to=(local, TRANSPARENT_PORT))
             outer.wait_for("Failed to retrieve original destination", stream="stderr")
+            outer.wait_for("the connection was not redirected", stream="stderr")
             with pytest.raises(BlockingIOError):
                 catcher.accept()  # nothing was forwarded
     finally:
