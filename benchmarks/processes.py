@@ -1,0 +1,235 @@
+"""The processes a benchmark runs: proxy pairs (ours or socat), servers, load clients.
+
+A *pair* is what a client connects to on its way to a server on 127.0.0.1:
+
+    direct   the server itself, no proxy
+    socat    socat TCP-LISTEN ... UNIX-CONNECT  ->  socat UNIX-LISTEN ... TCP   (fork;
+             backlog 1024 like ours, not socat's default 5)
+    splice   ip-to-vsock -> emulated vsock -> vsock-to-ip
+    copy     the same with PF_PROXY_NO_SPLICE=1 (the user-space copy path)
+
+Every long-running process is started under `timeout`, so it ends by itself even if the
+benchmark is killed; normally the benchmark stops it first, by pid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LIFETIME = 1200  # seconds: hard upper bound for any server or proxy process
+VSOCK_CID = 88
+_names = itertools.count()
+
+
+@dataclass
+class Pair:
+    kind: str
+    port: int  # where clients connect
+    pids: dict[str, int] = field(default_factory=dict)  # proxy name -> pid of the proxy itself
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Started:
+    proc: subprocess.Popen[bytes]
+    stdout: Path
+
+    def said(self, text: str) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.proc.args} exited with {self.proc.returncode}")
+        return text in self.stdout.read_text()
+
+    def command_pid(self, timeout: float = 10) -> int:
+        """The pid of the command itself (`timeout` runs it as its child)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = children.read_text().split()
+            if pids:
+                return int(pids[0])
+            time.sleep(0.01)
+        raise RuntimeError(f"{self.proc.args} started no command")
+
+
+@contextmanager
+def process(
+    args: Sequence[str], workdir: Path, env: dict[str, str] | None = None
+) -> Iterator[Started]:
+    """Run `args` under `timeout LIFETIME`, output to files in `workdir`; stop it on exit."""
+    name = f"{Path(args[0]).name}-{next(_names)}"
+    stdout = workdir / f"{name}.out"
+    with open(stdout, "wb") as out, open(workdir / f"{name}.err", "wb") as err:
+        proc = subprocess.Popen(
+            ["timeout", str(LIFETIME), *args],
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
+    try:
+        yield Started(proc, stdout)
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)  # timeout forwards it to the command
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def tcp_listening(port: int) -> bool:
+    """True if something listens on TCP `port` (read from /proc, without connecting)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            return True
+    return False
+
+
+# --- servers ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def echo_server(workdir: Path) -> Iterator[int]:
+    port = free_port()
+    args = [sys.executable, "-m", "benchmarks.loadgen", "echo", "--port", str(port)]
+    with process(args, workdir):
+        wait_until(lambda: tcp_listening(port), "the echo server")
+        yield port
+
+
+@contextmanager
+def iperf3_server(workdir: Path) -> Iterator[int]:
+    port = free_port()
+    with process(["iperf3", "--server", "--bind", "127.0.0.1", "--port", str(port)], workdir):
+        wait_until(lambda: tcp_listening(port), "the iperf3 server")
+        yield port
+
+
+# --- proxy pairs ------------------------------------------------------------------------------
+
+
+@contextmanager
+def pair(kind: str, target_port: int, workdir: Path) -> Iterator[Pair]:
+    """Start the pair `kind` in front of 127.0.0.1:`target_port`."""
+    if kind == "direct":
+        yield Pair(kind, target_port)
+    elif kind == "socat":
+        with _socat_pair(target_port, workdir) as started:
+            yield started
+    elif kind in ("splice", "copy"):
+        with _our_pair(target_port, workdir, use_splice=kind == "splice") as started:
+            started.kind = kind
+            yield started
+    else:
+        raise ValueError(f"unknown pair {kind!r}")
+
+
+@contextmanager
+def _our_pair(target_port: int, workdir: Path, *, use_splice: bool) -> Iterator[Pair]:
+    port, vsock_port = free_port(), free_port()
+    env = {"PF_PROXY_VSOCK_DIR": str(workdir)}
+    if not use_splice:
+        env["PF_PROXY_NO_SPLICE"] = "1"
+    vsock_address = f"{VSOCK_CID}:{vsock_port}"
+    inner = ["vsock-to-ip", "-v", vsock_address, "-i", f"127.0.0.1:{target_port}"]
+    outer = ["ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", vsock_address]
+    with process(inner, workdir, env) as inner_proc, process(outer, workdir, env) as outer_proc:
+        for started in (inner_proc, outer_proc):
+            wait_until(lambda s=started: s.said("Listening on:"), f"{started.proc.args}")
+        pids = {"ip-to-vsock": outer_proc.command_pid(), "vsock-to-ip": inner_proc.command_pid()}
+        yield Pair("", port, pids)
+
+
+@contextmanager
+def _socat_pair(target_port: int, workdir: Path) -> Iterator[Pair]:
+    port = free_port()
+    path = workdir / f"socat-{port}.sock"
+    inner = ["socat", f"UNIX-LISTEN:{path},fork,backlog=1024", f"TCP:127.0.0.1:{target_port}"]
+    listen = f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024"
+    outer = ["socat", listen, f"UNIX-CONNECT:{path}"]
+    with process(inner, workdir) as inner_proc:
+        wait_until(path.exists, "socat UNIX-LISTEN")
+        with process(outer, workdir) as outer_proc:
+            wait_until(lambda: tcp_listening(port), "socat TCP-LISTEN")
+            pids = {"socat tcp": outer_proc.command_pid(), "socat unix": inner_proc.command_pid()}
+            yield Pair("socat", port, pids)
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of one process, VmRSS from /proc/PID/status, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def tree_pss_kib(pid: int) -> int:
+    """Proportional set size of a process and all its descendants, in KiB (for socat fork)."""
+    total = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            total += int(line.split()[1])
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            total += tree_pss_kib(int(child))
+        except FileNotFoundError:
+            pass  # exited meanwhile
+    return total
+
+
+# --- clients ----------------------------------------------------------------------------------
+
+
+def run_client(mode: str, port: int, timeout: float, **options: object) -> dict[str, float]:
+    """Run the load generator to completion and return its JSON result."""
+    args = [sys.executable, "-m", "benchmarks.loadgen", mode, "--port", str(port)]
+    for key, value in options.items():
+        args += [f"--{key}", str(value)]
+    done = subprocess.run(args, capture_output=True, timeout=timeout, check=True)
+    result: dict[str, float] = json.loads(done.stdout.decode().splitlines()[-1])
+    return result
+
+
+def iperf3(port: int, streams: int, seconds: int) -> float:
+    """Received throughput in Gbit/s of an iperf3 client run against 127.0.0.1:`port`."""
+    args = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-P", str(streams)]
+    done = subprocess.run([*args, "-J"], capture_output=True, timeout=seconds + 30)
+    report = json.loads(done.stdout)
+    if "error" in report:
+        raise RuntimeError(f"iperf3: {report['error']}")
+    return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
