@@ -7,11 +7,14 @@ Each direction is a `_Pump` driven by the event loop's readiness callbacks:
     EOF on src    -> shutdown(dst, SHUT_WR) (half-close); the other direction keeps flowing
 
 On Linux the chunk moves through a pipe with splice(2) and never enters user space. Where the
-kernel refuses splice for a socket type, that direction falls back to recv_into a buffer
-shared by all connections, and keeps its own copy only of bytes dst could not take yet. Either
-way at most one chunk per direction is held: a slow reader slows the writer, and memory stays
-bounded. Pipes are created when data first flows, so an idle connection costs only its two
-sockets.
+kernel refuses splice for a socket type, that direction falls back to recv_into a reusable
+buffer. Either way at most one chunk per direction is held: a slow reader slows the writer,
+and memory stays bounded.
+
+The pipe or buffer that carries a chunk (its *carrier*) is borrowed from a small pool of
+empty ones for the read and given back as soon as dst has taken the whole chunk; only a
+direction waiting for dst to drain keeps one. So an idle connection costs only its two
+sockets, and the hot path neither creates pipes nor allocates buffers.
 
 The relay ends when both directions have reached EOF, or when either fails; after a failure
 both sockets are reset (SO_LINGER 0), so neither peer mistakes a truncated stream for a
@@ -36,8 +39,7 @@ READS_PER_WAKEUP = 4  # bounded, so one busy connection cannot starve the others
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff=1, l_linger=0}: close sends RST
 
-_shared_buffer = bytearray(CHUNK)
-_shared_view = memoryview(_shared_buffer)
+FREE_CARRIERS_KEPT = 8  # empty pipes (and buffers) kept for reuse; the rest are closed (freed)
 
 # Errors that mean "splice is not supported between these two files", not a broken socket.
 _SPLICE_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
@@ -62,10 +64,10 @@ class _Pump:
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
         self.done_message = done_message
         self.use_splice = use_splice
-        self.pipe: tuple[int, int] | None = None
+        self.pipe: tuple[int, int] | None = None  # splice path: borrowed while it holds bytes
         self.in_pipe = 0  # splice path: bytes in the pipe not yet written to dst
-        self.pending: memoryview | None = None  # copy path: bytes not yet written to dst
-        self.pending_owned = False
+        self.buffer: memoryview | None = None  # copy path: borrowed while it holds bytes
+        self.sent = self.filled = 0  # copy path: buffer[sent:filled] not yet written to dst
         self.finished = False
         self.bytes = 0
 
@@ -75,18 +77,27 @@ class _Pump:
         """Move one chunk out of src; 0 means EOF. Raises BlockingIOError if none ready."""
         if self.use_splice:
             if self.pipe is None:
-                self.pipe = _make_pipe()
+                self.pipe = _free_pipes.pop() if _free_pipes else _make_pipe()
             try:
                 n = os.splice(self.src_fd, self.pipe[1], CHUNK, flags=SPLICE_FLAGS)
             except OSError as exc:
+                self._give_back_carrier()
                 if exc.errno not in _SPLICE_REFUSED or self.bytes:
                     raise
                 self._fall_back_to_copy()
                 return self._read()
             self.in_pipe = n
         else:
-            n = self.src.recv_into(_shared_buffer)
-            self.pending, self.pending_owned = _shared_view[:n], False
+            if self.buffer is None:
+                self.buffer = _free_buffers.pop() if _free_buffers else memoryview(bytearray(CHUNK))
+            try:
+                n = self.src.recv_into(self.buffer)
+            except OSError:
+                self._give_back_carrier()
+                raise
+            self.sent, self.filled = 0, n
+        if n == 0:
+            self._give_back_carrier()
         self.bytes += n
         return n
 
@@ -101,22 +112,32 @@ class _Pump:
                     )
                 except BlockingIOError:
                     return False
-            return True
-        while self.pending:
-            try:
-                sent = self.dst.send(self.pending)
-            except BlockingIOError:
-                if not self.pending_owned:  # the shared buffer is about to be reused
-                    self.pending, self.pending_owned = memoryview(bytes(self.pending)), True
-                return False
-            self.pending = self.pending[sent:]
-        self.pending = None
+        else:
+            assert self.buffer is not None
+            while self.sent < self.filled:
+                try:
+                    self.sent += self.dst.send(self.buffer[self.sent : self.filled])
+                except BlockingIOError:
+                    return False
+        self._give_back_carrier()
         return True
+
+    def _give_back_carrier(self) -> None:
+        """Return the pipe or buffer to the pool; call only when it holds no bytes."""
+        if self.pipe is not None:
+            if len(_free_pipes) < FREE_CARRIERS_KEPT:
+                _free_pipes.append(self.pipe)
+            else:
+                _close_pipe(self.pipe)
+            self.pipe = None
+        if self.buffer is not None:
+            if len(_free_buffers) < FREE_CARRIERS_KEPT:
+                _free_buffers.append(self.buffer)
+            self.buffer = None
 
     def _fall_back_to_copy(self) -> None:
         log.debug("splice refused for %s, copying through user space", self.done_message)
         self.use_splice = False
-        self._close_pipe()
 
     # --- control flow, the same for both paths --------------------------------------------
 
@@ -126,7 +147,8 @@ class _Pump:
     def _on_readable(self) -> None:
         try:
             for _ in range(READS_PER_WAKEUP):
-                if self._read() == 0:
+                n = self._read()
+                if n == 0:
                     self._finish()
                     return
                 self.relay.last_activity = self.loop.time()
@@ -134,6 +156,8 @@ class _Pump:
                     self.loop.remove_reader(self.src_fd)
                     self.loop.add_writer(self.dst_fd, self._on_writable)
                     return
+                if n < CHUNK:
+                    return  # src is drained; save the read that would say so (EAGAIN)
         except BlockingIOError:
             pass
         except OSError as exc:
@@ -164,13 +188,14 @@ class _Pump:
     def stop(self) -> None:
         self.loop.remove_reader(self.src_fd)
         self.loop.remove_writer(self.dst_fd)
-        self._close_pipe()
-
-    def _close_pipe(self) -> None:
-        if self.pipe is not None:
-            os.close(self.pipe[0])
-            os.close(self.pipe[1])
+        if self.pipe is not None and self.in_pipe:  # bytes dst never took: not reusable
+            _close_pipe(self.pipe)
             self.pipe = None
+        self._give_back_carrier()
+
+
+_free_pipes: list[tuple[int, int]] = []
+_free_buffers: list[memoryview] = []
 
 
 def _make_pipe() -> tuple[int, int]:
@@ -180,6 +205,11 @@ def _make_pipe() -> tuple[int, int]:
     except OSError:
         pass  # over the user's pipe quota: the default 64 KiB pipe works, only slower
     return read_end, write_end
+
+
+def _close_pipe(pipe: tuple[int, int]) -> None:
+    os.close(pipe[0])
+    os.close(pipe[1])
 
 
 class Relay:
