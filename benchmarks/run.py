@@ -39,6 +39,17 @@ from benchmarks.processes import (
 
 OURS = {"splice": "pf-proxy splice", "copy": "pf-proxy copy"}
 RESULTS = Path(__file__).with_name("results.md")
+LEGEND = """\
+- pf-proxy splice: `ip-to-vsock` -> emulated vsock (a Unix socket) -> `vsock-to-ip`;
+  pf-proxy copy: the same with `PF_PROXY_NO_SPLICE=1` (the user-space copy fallback).
+- socat pair: `socat TCP-LISTEN:P,reuseaddr,fork,backlog=1024 UNIX-CONNECT:S` and
+  `socat UNIX-LISTEN:S,fork,backlog=1024 TCP:127.0.0.1:Q`; direct loopback: no proxy.
+- Bulk: iperf3, received throughput. Connection rate: connect, 64-byte request, 64-byte echo,
+  close, 64 clients at once. Ping-pong: 1 byte each way, time from send to echo.
+- Memory: VmRSS of each proxy process while the idle connections are held, minus before,
+  per connection; socat forks two processes per connection, so its figure is the PSS of all
+  its processes per side and connection.
+- "Met" compares with the targets of issue 4; these are measurements, not tests."""
 
 
 @dataclass(frozen=True)
@@ -339,15 +350,17 @@ def table(rows: Iterable[Row]) -> str:
 
 def machine() -> str:
     cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    versions = [
-        subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0]
-        for cmd in (["socat", "-V"], ["iperf3", "--version"])
-    ]
+    socat = re.search(r"socat version (\S+)", _output(["socat", "-V"]))
+    iperf = _output(["iperf3", "--version"]).split(" (")[0]
     return (
         f"{os.cpu_count()} CPUs ({cpu.group(1) if cpu else 'unknown CPU'}), "
         f"Linux {platform.release()}, Python {platform.python_version()}, "
-        f"uvloop {uvloop.__version__}; {versions[1]}; {versions[0].split(' - ')[0].strip()}"
+        f"uvloop {uvloop.__version__}, socat {socat.group(1) if socat else '?'}, {iperf}"
     )
+
+
+def _output(args: list[str]) -> str:
+    return subprocess.run(args, capture_output=True, text=True).stdout
 
 
 def main() -> int:
@@ -380,6 +393,7 @@ def main() -> int:
         f"connection rate and ping-pong {settings.load_seconds:g} s per run; "
         f"whole benchmark {time.monotonic() - started:.0f} s "
         f"({time.strftime('%Y-%m-%d %H:%M')}).\n\n"
+        f"{LEGEND}\n\n"
     )
     if not args.only:
         RESULTS.write_text(f"# Benchmark results\n\n{header}{text}\n")
