@@ -10,7 +10,7 @@ stopped at the end.
 from __future__ import annotations
 
 import os
-import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,6 +38,19 @@ def wait_for_port(port: int, timeout: float = 10) -> None:
     raise SystemExit(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
 
 
+def wait_for_log_line(
+    name: str, process: subprocess.Popen[bytes], log: Path, text: str, timeout: float = 10
+) -> None:
+    """Wait until a proxy logs `text` (e.g. "Listening on:"); fail if it exits first."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        if process.poll() is not None:
+            raise SystemExit(f"{name} exited with {process.returncode}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name} did not log {text!r} within {timeout} s")
+        time.sleep(0.05)
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="pf-proxy-demo-"))
     (work / "vsock").mkdir()
@@ -47,8 +60,16 @@ def main() -> int:
     http_port, proxy_port = free_port(), free_port()
 
     commands = {
-        "http-server": [sys.executable, "-m", "http.server", str(http_port),
-                        "--bind", "127.0.0.1", "--directory", str(work / "site")],
+        "http-server": [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(http_port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(work / "site"),
+        ],
         "vsock-to-ip": ["vsock-to-ip", "-v", "88:5000", "-i", f"127.0.0.1:{http_port}"],
         "ip-to-vsock": ["ip-to-vsock", "-i", f"127.0.0.1:{proxy_port}", "-v", "88:5000"],
     }
@@ -60,9 +81,9 @@ def main() -> int:
             with open(logs[name], "wb") as log:
                 processes[name] = subprocess.Popen(command, stdout=log, stderr=log, env=env)
         wait_for_port(http_port)
-        wait_for_port(proxy_port)
-        while not (work / "vsock" / "88_5000.sock").exists():
-            time.sleep(0.05)
+        # Not a probe connection through the proxies: it would show up in their logs.
+        for name in ("vsock-to-ip", "ip-to-vsock"):
+            wait_for_log_line(name, processes[name], logs[name], "Listening on:")
 
         url = f"http://127.0.0.1:{proxy_port}/"
         print(f"\n$ fetch {url}")
@@ -71,12 +92,13 @@ def main() -> int:
         print(f"HTTP {response.status}: {body.strip()}")
         ok = body == PAGE
     finally:
-        for name, process in reversed(list(processes.items())):
-            os.kill(process.pid, signal.SIGTERM)
+        for process in reversed(list(processes.values())):
+            process.terminate()  # SIGTERM, and a no-op for one that already exited
             process.wait(10)
     for name in ("ip-to-vsock", "vsock-to-ip"):
         print(f"\n--- {name} log (exit {processes[name].returncode}) ---")
         print(logs[name].read_text().rstrip())
+    shutil.rmtree(work)
     print("\ndemo", "passed: the page came through both proxies" if ok else "FAILED")
     return 0 if ok else 1
 
