@@ -11,6 +11,8 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from pf_proxy.endpoints import emulation_dir_from_env
+
 log = logging.getLogger("pf_proxy")
 
 
@@ -36,6 +38,16 @@ def configure_logging(level: int = logging.INFO) -> None:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(level)
+
+
+def start_logging() -> None:
+    """Configure logging for a command; say so when vsock is emulated."""
+    configure_logging()
+    emulation_dir = emulation_dir_from_env()
+    if emulation_dir is not None:
+        log.info(
+            "vsock emulation on: vsock CID:PORT is the Unix socket %s/CID_PORT.sock", emulation_dir
+        )
 
 
 def raise_open_file_limit() -> int:
