@@ -1,0 +1,251 @@
+"""Helpers for tests across network namespaces: sockets made inside a namespace, the real
+console scripts started inside one, and small servers and clients.
+
+Clients and servers run in the test process: their sockets are created inside the namespaces
+(a short-lived thread enters the namespace with setns(2), makes the socket and exits; a socket
+keeps the namespace it was made in). Proxies are the real console scripts, started inside the
+namespaces; their stdout/stderr go to files.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tests.netns import Netns
+
+WAIT = 15.0  # seconds any single step may take before the test fails
+
+T = TypeVar("T")
+
+# --- namespaces -----------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000  # linux/sched.h
+
+
+def in_netns(ns: Netns, make: Callable[[], T]) -> T:
+    """Call `make` on a thread that has entered `ns`'s network namespace; return its result."""
+    result: dict[str, Any] = {}
+
+    def enter_and_make() -> None:
+        try:
+            fd = os.open(f"/var/run/netns/{ns.name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({ns.name}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result["value"] = make()
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=enter_and_make)
+    thread.start()
+    thread.join(WAIT)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]  # type: ignore[no-any-return]
+
+
+# --- proxies as processes -------------------------------------------------------------------
+
+
+def _script(name: str) -> str:
+    """The console script next to this interpreter (a virtualenv's bin), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    assert found, f"console script {name} not found"
+    return found
+
+
+class NsProxy:
+    """A console script running inside a namespace, its stdout and stderr in files."""
+
+    def __init__(self, ns: Netns, args: Sequence[str], log_dir: Path, env: dict[str, str]):
+        self.args = list(args)
+        stem = log_dir / f"{ns.name}-{args[0]}-{time.monotonic_ns()}"
+        self.stdout_path = stem.with_suffix(".out")
+        self.stderr_path = stem.with_suffix(".err")
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.process = ns.popen(
+                [_script(args[0]), *args[1:]],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **env},
+            )
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def wait_for(self, text: str, *, stream: str = "stdout", timeout: float = WAIT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in (self.stdout if stream == "stdout" else self.stderr):
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        if text in (self.stdout if stream == "stdout" else self.stderr):
+            return
+        raise AssertionError(
+            f"{text!r} not seen on {stream} of {self.args} (exit {self.process.poll()}):\n"
+            f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+        )
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            return self.process.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            os.kill(self.process.pid, signal.SIGKILL)
+            return self.process.wait(WAIT)
+
+
+@contextmanager
+def proxy(ns: Netns, *args: str, log_dir: Path, env: dict[str, str]) -> Iterator[NsProxy]:
+    """Start a proxy in `ns`, wait for "Listening on:", stop it (SIGTERM) at the end."""
+    running = NsProxy(ns, args, log_dir, env)
+    try:
+        running.wait_for("Listening on:")
+        yield running
+    finally:
+        code = running.stop()
+        assert code == 0, f"{args} exited {code} on SIGTERM:\n{running.stderr}"
+
+
+# --- servers and clients --------------------------------------------------------------------
+
+
+class Server:
+    """A TCP server on a listening socket made in some namespace, one thread per connection.
+
+    Each connection gets `greeting` first, then every byte it sends echoed back; after the
+    client's EOF the server half-closes too.
+    """
+
+    def __init__(self, listener: socket.socket, greeting: bytes = b"") -> None:
+        self.listener = listener
+        self.greeting = greeting
+        self.port: int = listener.getsockname()[1]
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(WAIT * 2)
+            try:
+                conn.sendall(self.greeting)
+                while data := conn.recv(1 << 16):
+                    conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+
+@contextmanager
+def server_in(ns: Netns, host: str, greeting: bytes = b"") -> Iterator[Server]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    def listen() -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        sock.listen(64)
+        return sock
+
+    server = Server(in_netns(ns, listen), greeting)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def tcp_socket_in(ns: Netns, family: int = socket.AF_INET) -> socket.socket:
+    sock = in_netns(ns, lambda: socket.socket(family, socket.SOCK_STREAM))
+    sock.settimeout(WAIT * 2)
+    return sock
+
+
+def exchange(sock: socket.socket, address: Any, payload: bytes) -> bytes:
+    """Connect, send all of `payload`, shut down writing; return everything read until EOF.
+
+    A thread sends while this one reads, so large payloads cannot deadlock.
+    """
+    with sock:
+        sock.connect(address)
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+            except BaseException as exc:
+                errors.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        chunks = []
+        while chunk := sock.recv(1 << 20):
+            chunks.append(chunk)
+        sender.join(WAIT)
+        assert not errors, errors
+        return b"".join(chunks)
+
+
+def closed_without_data(sock: socket.socket, send: bytes = b"", connect_to: Any = None) -> bool:
+    """Connect to `connect_to` (if given), send `send` (if any); True when the peer closes
+    (EOF or reset) without answering.
+
+    The peer may close before connect() returns or while we send: a reset or broken pipe then
+    counts as closed too.
+    """
+    try:
+        if connect_to is not None:
+            sock.connect(connect_to)
+        if send:
+            sock.sendall(send)
+        return sock.recv(1024) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+def same_bytes(received: bytes, expected: bytes) -> None:
+    assert len(received) == len(expected)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(expected).digest()
