@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import click
 
 from pf_proxy import __version__
+from pf_proxy.access import CidrError, parse_cidr
 from pf_proxy.endpoints import (
     AddressError,
     IpAddress,
@@ -34,7 +35,7 @@ class _AddressType(click.ParamType):  # type: ignore[type-arg]
             return value
         try:
             return self._parse(value)
-        except AddressError as exc:
+        except (AddressError, CidrError) as exc:
             self.fail(f"{value!r}: {exc}", param, ctx)
 
 
@@ -44,9 +45,11 @@ IP_TARGET_ADDRESS = _AddressType(
     "HOST:PORT", lambda text: parse_ip_address(text, allow_host_name=True)
 )
 CID = _AddressType("CID", parse_cid)
+CIDR = _AddressType("CIDR", parse_cidr)
 
 __all__ = [
     "CID",
+    "CIDR",
     "IP_LISTEN_ADDRESS",
     "IP_TARGET_ADDRESS",
     "VSOCK_ADDRESS",

@@ -9,8 +9,10 @@ from collections.abc import Callable
 import click
 
 from pf_proxy import engine, routes, runtime
+from pf_proxy.access import AccessPolicy, IpNetwork
 from pf_proxy.cli.options import (
     CID,
+    CIDR,
     IP_LISTEN_ADDRESS,
     IP_TARGET_ADDRESS,
     VSOCK_ADDRESS,
@@ -124,15 +126,36 @@ def ip_to_vsock(ip_addr: IpAddress, vsock_addr: VsockAddress, **timeout: float) 
     help="vsock address of the listener, open to the transparent proxy sender "
     "<cid:port>, e.g. 3:1200",
 )
+@click.option(
+    "--allow",
+    multiple=True,
+    type=CIDR,
+    metavar="CIDR",
+    help="Connect only to destinations in this network (repeatable; with any --allow, "
+    "everything else is denied). Default: every destination is allowed.",
+)
+@click.option(
+    "--deny",
+    multiple=True,
+    type=CIDR,
+    metavar="CIDR",
+    help="Never connect to destinations in this network (repeatable; deny wins over "
+    "--allow), e.g. 169.254.0.0/16 for the instance metadata service.",
+)
 @timeouts
-def vsock_to_ip_transparent(vsock_addr: VsockAddress, **timeout: float) -> None:
-    _run(
-        vsock_endpoint(vsock_addr),
-        routes.from_destination_header,
-        "vsock to ip",
-        "ip to vsock",
-        **timeout,
-    )
+def vsock_to_ip_transparent(
+    vsock_addr: VsockAddress,
+    allow: tuple[IpNetwork, ...],
+    deny: tuple[IpNetwork, ...],
+    **timeout: float,
+) -> None:
+    policy = AccessPolicy(allow, deny)
+
+    def make_route() -> routes.Route:
+        log.info("Destinations: %s", policy.describe())
+        return routes.from_destination_header(lambda dst: policy.permits(dst.address))
+
+    _run(vsock_endpoint(vsock_addr), make_route, "vsock to ip", "ip to vsock", **timeout)
 
 
 @command(
