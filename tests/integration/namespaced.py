@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from tests.netns import Netns
 
 WAIT = 15.0  # seconds any single step may take before the test fails
+TRANSPARENT_PORT = 1200  # where the transparent listeners listen; REDIRECT rules point here
 
 T = TypeVar("T")
 
@@ -59,6 +60,34 @@ def in_netns(ns: Netns, make: Callable[[], T]) -> T:
     if "error" in result:
         raise result["error"]
     return result["value"]  # type: ignore[no-any-return]
+
+
+def enclave_namespace(ns: Netns, *, ipv6: bool = False) -> None:
+    """Give an enclave-style namespace a default route over lo with a usable source."""
+    ns.run("ip", "route", "add", "default", "dev", "lo", "src", "127.0.0.1")
+    if ipv6:
+        ns.run("ip", "-6", "route", "add", "default", "dev", "lo", "src", "::1")
+
+
+def redirect(ns: Netns, destination: str, *extra: str, port: int = TRANSPARENT_PORT) -> None:
+    """nat OUTPUT: TCP to `destination` goes to the local `port` instead."""
+    tool = "ip6tables" if ":" in destination else "iptables"
+    ns.run(
+        tool,
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        destination,
+        *extra,
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        str(port),
+    )
 
 
 # --- proxies as processes -------------------------------------------------------------------

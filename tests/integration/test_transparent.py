@@ -27,11 +27,14 @@ from pathlib import Path
 import pytest
 
 from tests.integration.namespaced import (
+    TRANSPARENT_PORT,
     WAIT,
     Server,
     closed_without_data,
+    enclave_namespace,
     exchange,
     proxy,
+    redirect,
     same_bytes,
     server_in,
     tcp_socket_in,
@@ -41,37 +44,8 @@ from tests.netns import Netns, netns
 pytestmark = [pytest.mark.root, pytest.mark.timeout(90)]
 
 MiB = 1 << 20
-TRANSPARENT_PORT = 1200
 SERVER_V4 = "192.0.2.10"  # TEST-NET-1: in the host namespace only
 SERVER_V6 = "2001:db8::10"  # documentation prefix: in the host namespace only
-
-
-def enclave_namespace(ns: Netns, *, ipv6: bool = False) -> None:
-    """Give an enclave-style namespace a default route over lo with a usable source."""
-    ns.run("ip", "route", "add", "default", "dev", "lo", "src", "127.0.0.1")
-    if ipv6:
-        ns.run("ip", "-6", "route", "add", "default", "dev", "lo", "src", "::1")
-
-
-def redirect(ns: Netns, destination: str, *extra: str, port: int = TRANSPARENT_PORT) -> None:
-    """nat OUTPUT: TCP to `destination` goes to the local `port` instead."""
-    tool = "ip6tables" if ":" in destination else "iptables"
-    ns.run(
-        tool,
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        destination,
-        *extra,
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        str(port),
-    )
 
 
 # --- fixtures -------------------------------------------------------------------------------
