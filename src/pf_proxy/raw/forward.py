@@ -12,8 +12,8 @@
   stream drops that connection; a newer connection replaces the current one (the peer
   reconnected, or the old stream is half-dead), so the link never waits on a stale peer.
 
-Both count what they forward and drop (:class:`Stats`). :meth:`stop` lets the packets in hand
-go out and then ends :meth:`run`.
+Both count what they forward and drop (:class:`Stats`). On SIGTERM, :func:`serve` lets the
+packets in hand go out, then ends :meth:`run` and logs the counters.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import errno
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from pf_proxy.endpoints import Endpoint, VsockEndpoint
 from pf_proxy.raw.framing import FramingError, Ipv4StreamFramer
@@ -46,7 +47,7 @@ RAW_SOCKET_BROKEN = "raw-socket-broken"  # in hand when the raw socket failed
 
 
 class Stopped(Exception):
-    """Raised inside :meth:`run` at the next wait for input after :meth:`stop`."""
+    """Raised inside :meth:`run` instead of taking new packets in hand after a stop."""
 
 
 class Stats:
@@ -71,37 +72,35 @@ def _wake(future: asyncio.Future[None]) -> None:
 
 
 class _Forwarder:
-    """Waiting for sockets, and stopping at the next wait for input."""
+    """Waiting for sockets, and knowing when no packets are in hand (safe to stop)."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.stats = Stats()
         self.stopping = False
-        self._input_waiters: set[asyncio.Future[None]] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
 
-    def stop(self) -> None:
-        """End :meth:`run` once the packets in hand are sent."""
-        self.stopping = True
-        for waiter in self._input_waiters:
-            _wake(waiter)
-
-    async def _input(self, fd: int) -> None:
-        """Wait until `fd` is readable; raise Stopped if a stop comes first."""
+    @contextmanager
+    def _in_hand(self) -> Iterator[None]:
+        """Around taking packets and sending them on: a stop waits for the block to end."""
         if self.stopping:
             raise Stopped
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.idle.set()
+
+    async def _readable(self, fd: int) -> None:
         waiter = self.loop.create_future()
-        self._input_waiters.add(waiter)
         self.loop.add_reader(fd, _wake, waiter)
         try:
             await waiter
         finally:
             self.loop.remove_reader(fd)
-            self._input_waiters.discard(waiter)
-        if self.stopping:
-            raise Stopped
 
     async def _writable(self, fd: int) -> None:
-        """Wait until `fd` is writable (a stop does not interrupt: finish what is in hand)."""
         waiter = self.loop.create_future()
         self.loop.add_writer(fd, _wake, waiter)
         try:
@@ -136,8 +135,6 @@ class QueueToVsock(_Forwarder):
             for resource in (self._queue, self._link):
                 if resource is not None:
                     resource.close()
-            if self._queue is not None:
-                self.stats.drops.add(NOT_WHOLE_IPV4, self._queue.unusable_packets)
 
     async def _forward(self) -> None:
         announced = False
@@ -154,34 +151,40 @@ class QueueToVsock(_Forwarder):
                 self._link = await connect_with_backoff(self.endpoint)
                 self._link.shutdown(socket.SHUT_RD)  # nothing comes back on this stream
             queue = self._queue
-            try:
-                await self._input(queue.fileno())
-                packets = queue.read_packets()
-            except OSError as exc:
-                self._reopen_queue(exc)
-                continue
-            if packets:
+            await self._readable(queue.fileno())
+            with self._in_hand():
                 try:
-                    await self._send(self._link, packets)
-                except LinkBroken as broken:
-                    log.error(
-                        "Failed to send packets to %s: %s; reconnecting (%d packets dropped)",
-                        self.endpoint,
-                        broken.error,
-                        broken.unsent,
-                    )
-                    self.stats.drops.add(LINK_DOWN, broken.unsent)
-                    self._link.close()
-                    self._link = None
-            try:
-                queue.drop_read_packets()
-            except OSError as exc:
-                self._reopen_queue(exc)
+                    packets = queue.read_packets()
+                except OSError as exc:
+                    self._reopen_queue(exc)
+                    continue
+                self._count_unusable(queue)
+                if packets:
+                    try:
+                        await self._send(self._link, packets)
+                    except LinkBroken as broken:
+                        log.error(
+                            "Failed to send packets to %s: %s; reconnecting (%d packets dropped)",
+                            self.endpoint,
+                            broken.error,
+                            broken.unsent,
+                        )
+                        self.stats.drops.add(LINK_DOWN, broken.unsent)
+                        self._link.close()
+                        self._link = None
+                try:
+                    queue.drop_read_packets()
+                except OSError as exc:
+                    self._reopen_queue(exc)
+
+    def _count_unusable(self, queue: NfQueue) -> None:
+        if queue.unusable_packets:
+            self.stats.drops.add(NOT_WHOLE_IPV4, queue.unusable_packets)
+            queue.unusable_packets = 0  # counted here now
 
     def _reopen_queue(self, exc: OSError) -> None:
         log.error("nfqueue %d failed: %s; reopening it", self.queue_num, exc)
         assert self._queue is not None
-        self.stats.drops.add(NOT_WHOLE_IPV4, self._queue.unusable_packets)
         self._queue.close()
         self._queue = None
 
@@ -237,14 +240,9 @@ class VsockToDevice(_Forwarder):
         finally:
             if listener is not None:
                 listener.close()
-            reader = self._reader
-            if reader is not None:
-                if not self.stopping:
-                    reader.cancel()
-                try:
-                    await asyncio.wait([reader])  # stopping: it ends at its next wait for input
-                finally:
-                    reader.cancel()
+            if self._reader is not None:
+                self._reader.cancel()
+                await asyncio.wait([self._reader])
             if self._sender is not None:
                 self._sender.close()
 
@@ -255,7 +253,7 @@ class VsockToDevice(_Forwarder):
 
     async def _accept_forever(self, listener: socket.socket) -> None:
         while True:
-            await self._input(listener.fileno())
+            await self._readable(listener.fileno())
             try:
                 conn, _ = listener.accept()
             except BlockingIOError:
@@ -283,19 +281,20 @@ class VsockToDevice(_Forwarder):
             except OSError:
                 pass
             while True:
-                await self._input(conn.fileno())
-                for _ in range(READS_PER_WAKEUP):
-                    try:
-                        count = conn.recv_into(framer.buffer_for_read())
-                    except BlockingIOError:
-                        break
-                    if count == 0:
-                        self._stream_ended(framer.pending, received)
-                        return
-                    received += count
-                    framer.commit(count)
-                    for packet in framer.packets():
-                        await self._forward(packet)
+                await self._readable(conn.fileno())
+                with self._in_hand():
+                    for _ in range(READS_PER_WAKEUP):
+                        try:
+                            count = conn.recv_into(framer.buffer_for_read())
+                        except BlockingIOError:
+                            break
+                        if count == 0:
+                            self._stream_ended(framer.pending, received)
+                            return
+                        received += count
+                        framer.commit(count)
+                        for packet in framer.packets():
+                            await self._forward(packet)
         except FramingError as exc:
             self.stats.malformed_streams += 1
             log.error(
@@ -374,13 +373,15 @@ async def serve(
         exc = task.exception()
         log.error("%s stopped unexpectedly: %r", name, exc)
     else:
-        log.info("Shutting down: finishing the packets in hand (up to %g s)", drain_timeout)
+        log.info("Shutting down")
         systemd_notify("STOPPING=1")
-        forwarder.stop()
-        _, pending = await asyncio.wait([task], timeout=drain_timeout)
-        for late in pending:
-            late.cancel()
-            await asyncio.wait([late])
+        forwarder.stopping = True
+        try:
+            await asyncio.wait_for(forwarder.idle.wait(), drain_timeout)
+        except TimeoutError:
+            log.warning("Packets still in hand after %g s (drain timeout): dropped", drain_timeout)
+        task.cancel()
+        await asyncio.wait([task])
     for helper in (reporter, stopper):
         helper.cancel()
     log.info("%s: %s", name, forwarder.stats.format())
@@ -391,7 +392,7 @@ async def _report_periodically(stats: Stats, name: str, interval: float) -> None
     """Log the counters every `interval` seconds when they changed (never when 0)."""
     if interval <= 0:
         return
-    last = ""
+    last = stats.format()
     while True:
         await asyncio.sleep(interval)
         text = stats.format()

@@ -1,0 +1,445 @@
+"""The four raw proxies end to end, in the tuna images' deployment, inside network namespaces.
+
+    internet (S)  --veth, MTU 9001--  host (eth0: X)  ==emulated vsock==  enclave (lo: X)
+
+- "enclave": only ``lo``, MTU 9001, carrying the shared address X, default route
+  ``dev lo src X``; the nat-free OUTPUT rule of ``reference.md`` (ipsets ``portfilter`` and
+  ``internal``) queues its outgoing TCP to nfqueue 0. ``ip-to-vsock-raw-outgoing`` sends the
+  queue to the host, ``vsock-to-ip-raw-incoming`` writes the host's packets into ``lo``.
+- "host": ``eth0`` with X, INPUT rules queueing TCP to ports 80, 443 and 1024:61439 to
+  nfqueue 0. ``ip-to-vsock-raw-incoming`` sends the queue to the enclave,
+  ``vsock-to-ip-raw-outgoing`` (finding ``eth0`` by itself) sends the enclave's packets out.
+- "internet": the other end of the veth, address S, and a second address in a reserved range.
+
+X and S are outside the reserved list (they must be, to pass the outgoing filter). That is safe
+only because these three namespaces are linked to each other and to nothing else: the fixture
+asserts that no interface leads out of them and no route points anywhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.namespaced import WAIT, NsProxy, in_netns, same_bytes, tcp_socket_in
+from tests.netns import Netns, netns, veth
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+
+MiB = 1 << 20
+MTU = 9001
+SHARED = "11.22.33.1"  # X: the host's eth0 and the enclave's lo (see the module docstring)
+SERVER = "11.22.33.2"  # S: the internet namespace
+RESERVED_SERVER = "10.99.0.2"  # in 10.0.0.0/8: the enclave must never reach it
+RESERVED_RANGES = (  # reference.md's list, as the enclave's `internal` ipset holds it
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
+    "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "233.252.0.0/24", "240.0.0.0/4",
+    "255.255.255.255/32",
+)  # fmt: skip
+ENCLAVE_CID, HOST_CID, LINK_PORT = 88, 3, 1200
+
+
+@dataclass
+class Deployment:
+    enclave: Netns
+    host: Netns
+    internet: Netns
+    vsock_dir: Path
+    log_dir: Path
+    ip_file: Path
+    proxies: dict[str, NsProxy]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"PF_PROXY_VSOCK_DIR": str(self.vsock_dir)}
+
+    def start(self, command: str) -> NsProxy:
+        """Start one of the four proxies where it runs in the tuna images."""
+        ns, args = self.where(command)
+        running = NsProxy(ns, [command, *args, "--stats-interval", "0.5"], self.log_dir, self.env)
+        running.wait_for("Listening on:")
+        if command.startswith("ip-to-vsock"):
+            running.wait_for("Connected to vsock")
+        self.proxies[command] = running
+        return running
+
+    def where(self, command: str) -> tuple[Netns, list[str]]:
+        link = f"{LINK_PORT}"
+        return {
+            "vsock-to-ip-raw-outgoing": (self.host, ["-v", f"{HOST_CID}:{link}"]),
+            "vsock-to-ip-raw-incoming": (
+                self.enclave,
+                ["-v", f"{ENCLAVE_CID}:{link}", "-d", "lo", "--ip-file", str(self.ip_file)],
+            ),
+            "ip-to-vsock-raw-outgoing": (self.enclave, ["-v", f"{HOST_CID}:{link}", "-q", "0"]),
+            "ip-to-vsock-raw-incoming": (self.host, ["-v", f"{ENCLAVE_CID}:{link}", "-q", "0"]),
+        }[command]
+
+    def kill(self, command: str) -> None:
+        running = self.proxies.pop(command)
+        os.kill(running.process.pid, signal.SIGKILL)
+        running.process.wait(WAIT)
+
+
+def _json(ns: Netns, *args: str) -> list[dict[str, Any]]:
+    return json.loads(ns.run("ip", "-j", *args).stdout or "[]")  # type: ignore[no-any-return]
+
+
+def assert_isolated(namespaces: dict[str, Netns], allowed_links: dict[str, set[str]]) -> None:
+    """Every interface of the test's namespaces is `lo` or a veth whose peer is in one of
+    them, and no route leads anywhere else: nothing here can reach the outside world."""
+    ours = {ns.name for ns in namespaces.values()}
+    for name, ns in namespaces.items():
+        links = _json(ns, "link", "show")
+        assert {link["ifname"] for link in links} == allowed_links[name], links
+        peer_names = {entry["nsid"]: entry.get("name") for entry in _json(ns, "netns", "list-id")}
+        for link in links:
+            if link["ifname"] != "lo":
+                assert peer_names.get(link.get("link_netnsid")) in ours, (name, link, peer_names)
+        for route in _json(ns, "route", "show"):
+            if route["dst"] == "default":
+                assert (name, route["dev"]) == ("enclave", "lo"), route
+            assert route["dev"] in allowed_links[name], route
+
+
+def _ipset(ns: Netns, *args: str) -> None:
+    ns.run("ipset", *args)
+
+
+def build(stack: ExitStack, tmp: Path, enclave_rule: str = "deployed") -> Deployment:
+    """The three namespaces, their addresses, routes and iptables rules as deployed."""
+    enclave = stack.enter_context(netns("pfp-raw-enclave"))
+    host = stack.enter_context(netns("pfp-raw-host"))
+    internet = stack.enter_context(netns("pfp-raw-inet"))
+    veth(host, "eth0", internet, "eth0", mtu=MTU)
+    host.run("ip", "addr", "add", f"{SHARED}/24", "dev", "eth0")
+    internet.run("ip", "addr", "add", f"{SERVER}/24", "dev", "eth0")
+    host.run("ip", "addr", "add", "10.99.0.1/24", "dev", "eth0")
+    internet.run("ip", "addr", "add", f"{RESERVED_SERVER}/24", "dev", "eth0")
+
+    enclave.run("ip", "link", "set", "lo", "mtu", str(MTU))
+    enclave.run("ip", "addr", "add", f"{SHARED}/32", "dev", "lo")
+    enclave.run("ip", "route", "add", "default", "dev", "lo", "src", SHARED)
+    _ipset(enclave, "create", "portfilter", "bitmap:port", "range", "0-65535")
+    for ports in ("80", "443", "1024-61439"):
+        _ipset(enclave, "add", "portfilter", ports)
+    _ipset(enclave, "create", "internal", "hash:net")
+    for network in RESERVED_RANGES:
+        _ipset(enclave, "add", "internal", network)
+    if enclave_rule == "deployed":
+        match = ["-m", "set", "--match-set", "portfilter", "src",
+                 "-m", "set", "!", "--match-set", "internal", "dst"]  # fmt: skip
+    else:  # queue all of the enclave's TCP: only the proxy's own filter stands in the way
+        match = []
+    enclave.run("iptables", "-A", "OUTPUT", "-p", "tcp", "-s", SHARED, *match,
+                "-j", "NFQUEUE", "--queue-num", "0")  # fmt: skip
+    for ports in ("80", "443", "1024:61439"):
+        host.run("iptables", "-A", "INPUT", "-i", "eth0", "-p", "tcp", "--dport", ports,
+                 "-j", "NFQUEUE", "--queue-num", "0")  # fmt: skip
+
+    assert_isolated(
+        {"enclave": enclave, "host": host, "internet": internet},
+        {"enclave": {"lo"}, "host": {"lo", "eth0"}, "internet": {"lo", "eth0"}},
+    )
+
+    vsock_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pfp-rawvs-")))
+    ip_file = tmp / "ip.txt"
+    ip_file.write_text(f"{SHARED}\n")
+    return Deployment(enclave, host, internet, vsock_dir, tmp, ip_file, {})
+
+
+@contextmanager
+def deployment(tmp: Path, enclave_rule: str = "deployed") -> Iterator[Deployment]:
+    with ExitStack() as stack:
+        deployed = build(stack, tmp, enclave_rule)
+        try:
+            for command in (
+                "vsock-to-ip-raw-outgoing",
+                "vsock-to-ip-raw-incoming",
+                "ip-to-vsock-raw-outgoing",
+                "ip-to-vsock-raw-incoming",
+            ):
+                deployed.start(command)
+            yield deployed
+        finally:
+            codes = {name: running.stop() for name, running in deployed.proxies.items()}
+            assert all(code == 0 for code in codes.values()), codes
+            for name, running in deployed.proxies.items():  # SIGTERM: counters, then exit 0
+                last_line = running.stdout.splitlines()[-1]
+                assert f"INFO {name}: forwarded " in last_line, running.stdout
+
+
+# --- servers and clients --------------------------------------------------------------------
+
+
+class Server:
+    """Per connection: read a request (its first 8 bytes: how many bytes to send back), then
+    send that many deterministic bytes and close. Counts connections."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _answer(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(WAIT * 4)
+            try:
+                request = b""
+                while len(request) < 8:
+                    chunk = conn.recv(8 - len(request))
+                    if not chunk:
+                        return
+                    request += chunk
+                conn.sendall(payload(int.from_bytes(request, "big")))
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def payload(size: int) -> bytes:
+    block = hashlib.sha256(size.to_bytes(8, "big")).digest() * 2048  # 64 KiB, size-dependent
+    return (block * (size // len(block) + 1))[:size]
+
+
+@contextmanager
+def server(ns: Netns, address: str, port: int) -> Iterator[Server]:
+    def listen() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(64)
+        return sock
+
+    running = Server(in_netns(ns, listen))
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def fetch(ns: Netns, address: str, port: int, size: int, source_port: int = 0) -> bytes:
+    """From `ns`, ask the server at address:port for `size` bytes; return what arrived."""
+    sock = tcp_socket_in(ns)
+    sock.settimeout(WAIT)
+    with sock:
+        if source_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", source_port))
+        sock.connect((address, port))
+        sock.sendall(size.to_bytes(8, "big"))
+        chunks = []
+        while chunk := sock.recv(MiB):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def cannot_connect(ns: Netns, address: str, port: int, source_port: int = 0) -> bool:
+    """True when a connection from `ns` to address:port fails (timeout, reset, refused)."""
+    sock = tcp_socket_in(ns)
+    sock.settimeout(3)
+    with sock:
+        if source_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", source_port))
+        try:
+            sock.connect((address, port))
+        except OSError:
+            return True
+        return False
+
+
+def wait_for_count(running: NsProxy, reason: str, at_least: int = 1) -> None:
+    """Wait for a periodic counters line reporting `reason`=N with N >= at_least."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        for line in reversed(running.stdout.splitlines()):
+            if f"{reason}=" in line:
+                count = int(line.split(f"{reason}=")[1].split(",")[0].split(")")[0])
+                if count >= at_least:
+                    return
+                break
+        time.sleep(0.1)
+    raise AssertionError(f"no {reason}>={at_least} in:\n{running.stdout}\n{running.stderr}")
+
+
+# --- the tests ------------------------------------------------------------------------------
+
+
+def test_enclave_fetches_from_the_internet_and_is_reached_from_it(tmp_path: Path) -> None:
+    with (
+        deployment(tmp_path) as deployed,
+        server(deployed.internet, SERVER, 8080) as outside,
+        server(deployed.enclave, "0.0.0.0", 8443) as inside,
+    ):
+        # Outgoing: the enclave's client, several MiB back through both pairs, byte-exact.
+        same_bytes(fetch(deployed.enclave, SERVER, 8080, 8 * MiB), payload(8 * MiB))
+        # Incoming: a client on the internet reaches the enclave's server at the shared address.
+        same_bytes(fetch(deployed.internet, SHARED, 8443, 3 * MiB), payload(3 * MiB))
+        assert (outside.connections, inside.connections) == (1, 1)
+
+
+@contextmanager
+def largest_received(ns: Netns, device: str, source: str) -> Iterator[list[int]]:
+    """The size of the largest IPv4 packet from `source` that `device` in `ns` receives
+    while the block runs."""
+    largest = [0]
+
+    def sniff() -> socket.socket:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+        sock.bind((device, 0x0800))
+        sock.settimeout(0.2)
+        return sock
+
+    sniffer = in_netns(ns, sniff)
+    stop = threading.Event()
+
+    def collect() -> None:
+        while not stop.is_set():
+            try:
+                packet, (*_, kind, _, _) = sniffer.recvfrom(65536)
+            except TimeoutError:
+                continue
+            if kind == socket.PACKET_HOST and packet[12:16] == socket.inet_aton(source):
+                largest[0] = max(largest[0], len(packet))
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    try:
+        yield largest
+    finally:
+        stop.set()
+        collector.join()
+        sniffer.close()
+
+
+def test_jumbo_packets_cross_whole(tmp_path: Path) -> None:
+    """9001-byte packets cross both ways: the enclave's server sends them out through the
+    outgoing pair, the internet's server into the enclave through the incoming pair. (The
+    host's eth0 sees larger ones: GRO merges what arrives, and nfqueue splits it again.)"""
+    with (
+        deployment(tmp_path) as deployed,
+        server(deployed.internet, SERVER, 8080),
+        server(deployed.enclave, "0.0.0.0", 8443),
+        largest_received(deployed.enclave, "lo", SERVER) as toward_enclave,
+        largest_received(deployed.internet, "eth0", SHARED) as from_enclave,
+    ):
+        same_bytes(fetch(deployed.enclave, SERVER, 8080, 2 * MiB), payload(2 * MiB))
+        same_bytes(fetch(deployed.internet, SHARED, 8443, 2 * MiB), payload(2 * MiB))
+    assert (toward_enclave[0], from_enclave[0]) == (MTU, MTU)
+
+
+def test_forbidden_port_and_reserved_destination_do_not_get_through(tmp_path: Path) -> None:
+    with (
+        deployment(tmp_path) as deployed,
+        server(deployed.enclave, "0.0.0.0", 62000) as host_range_server,
+        server(deployed.internet, RESERVED_SERVER, 8080) as reserved,
+        server(deployed.internet, SERVER, 8080) as allowed,
+    ):
+        # A port the host keeps (61440-65535) is never queued to the enclave.
+        assert cannot_connect(deployed.internet, SHARED, 62000)
+        # A reserved destination is not queued by the enclave's rule: it goes nowhere.
+        assert cannot_connect(deployed.enclave, RESERVED_SERVER, 8080)
+        # A source port the host keeps is not queued either.
+        assert cannot_connect(deployed.enclave, SERVER, 8080, source_port=61500)
+        assert (host_range_server.connections, reserved.connections, allowed.connections) == (
+            0,
+            0,
+            0,
+        )
+        # ...while the same server on an allowed path answers.
+        same_bytes(fetch(deployed.enclave, SERVER, 8080, 1000), payload(1000))
+        assert allowed.connections == 1
+
+
+def test_the_proxy_filters_even_when_the_enclave_queues_everything(tmp_path: Path) -> None:
+    """With a careless enclave rule (all TCP queued), vsock-to-ip-raw-outgoing still drops
+    packets to reserved destinations and from the host's ports, and counts them."""
+    with (
+        deployment(tmp_path, enclave_rule="all-tcp") as deployed,
+        server(deployed.internet, RESERVED_SERVER, 8080) as reserved,
+        server(deployed.internet, SERVER, 8080) as allowed,
+    ):
+        outgoing = deployed.proxies["vsock-to-ip-raw-outgoing"]
+        assert cannot_connect(deployed.enclave, RESERVED_SERVER, 8080)
+        wait_for_count(outgoing, "reserved-destination")
+        assert cannot_connect(deployed.enclave, SERVER, 8080, source_port=61500)
+        wait_for_count(outgoing, "forbidden-source-port")
+        assert (reserved.connections, allowed.connections) == (0, 0)
+        same_bytes(fetch(deployed.enclave, SERVER, 8080, MiB), payload(MiB))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "vsock-to-ip-raw-outgoing",
+        "vsock-to-ip-raw-incoming",
+        "ip-to-vsock-raw-outgoing",
+        "ip-to-vsock-raw-incoming",
+    ],
+)
+def test_a_proxy_killed_and_restarted_mid_connection(tmp_path: Path, command: str) -> None:
+    """The others reconnect by themselves; an open TCP connection carries on (TCP retransmits
+    what was lost while the proxy was down) and new connections work."""
+    with deployment(tmp_path) as deployed, server(deployed.internet, SERVER, 8080):
+        sock = tcp_socket_in(deployed.enclave)
+        sock.settimeout(WAIT * 2)
+        with sock:
+            sock.connect((SERVER, 8080))
+            deployed.kill(command)
+            sock.sendall((4 * MiB).to_bytes(8, "big"))  # sent while the proxy is down
+            time.sleep(0.5)
+            deployed.start(command)
+            chunks = []
+            while chunk := sock.recv(MiB):
+                chunks.append(chunk)
+        same_bytes(b"".join(chunks), payload(4 * MiB))
+        same_bytes(fetch(deployed.enclave, SERVER, 8080, MiB), payload(MiB))
+
+
+def test_garbage_on_the_outgoing_listener_is_dropped_and_the_link_recovers(
+    tmp_path: Path,
+) -> None:
+    with deployment(tmp_path) as deployed, server(deployed.internet, SERVER, 8080):
+        outgoing = deployed.proxies["vsock-to-ip-raw-outgoing"]
+        path = deployed.vsock_dir / f"{HOST_CID}_{LINK_PORT}.sock"
+        garbage = {
+            "IP version 6 is not 4": b"\x60" + bytes(40),
+            "total length 5 is under 20": b"\x45\x00\x00\x05" + bytes(30),
+            "header length 4 words is under 5": b"\x44\x00\x00\x28" + bytes(40),
+        }
+        for count, (complaint, data) in enumerate(garbage.items(), start=1):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as intruder:
+                intruder.connect(str(path))
+                intruder.sendall(data)
+                outgoing.wait_for(complaint, stream="stderr")
+            assert outgoing.stderr.count("malformed packet stream") == count
+        # The enclave's own link was replaced by the intruders; it reconnects on its next send.
+        same_bytes(fetch(deployed.enclave, SERVER, 8080, 2 * MiB), payload(2 * MiB))
+        assert outgoing.process.poll() is None
