@@ -166,14 +166,14 @@ class _Pump:
         except BlockingIOError:
             pass
         except OSError as exc:
-            self.relay.fail(exc)
+            self._fail(exc)
 
     def _on_writable(self) -> None:
         try:
             if not self._write():
                 return
         except OSError as exc:
-            self.relay.fail(exc)
+            self._fail(exc)
             return
         self.loop.remove_writer(self.dst_fd)
         self.loop.add_reader(self.src_fd, self._on_readable)
@@ -189,6 +189,13 @@ class _Pump:
                 return
         log.info(self.done_message)
         self.relay.pump_finished()
+
+    def _fail(self, exc: OSError) -> None:
+        # Drop the chunk in hand now, not when the relay is torn down on a later turn of the
+        # loop: in a burst of failing writes (peers gone), every pump would otherwise hold
+        # its carrier and the next ones allocate new 1 MiB buffers, hundreds at once.
+        self.stop()
+        self.relay.fail(exc)
 
     def stop(self) -> None:
         self.loop.remove_reader(self.src_fd)
