@@ -1,0 +1,137 @@
+"""The four raw-proxy commands as processes: flags, start-up failures, and bounded memory when
+the vsock peer stops reading. (The whole deployment is in test_raw_e2e.py.)"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.namespaced import WAIT, NsProxy, in_netns
+from tests.integration.test_nfq import queue_state
+from tests.integration.test_tcp_proxies import run_briefly
+from tests.netns import Netns, netns
+
+SO_SNDBUFFORCE = 32  # asm-generic/socket.h: SO_SNDBUF beyond wmem_max (root)
+
+RAW_COMMANDS = [
+    "ip-to-vsock-raw-incoming",
+    "ip-to-vsock-raw-outgoing",
+    "vsock-to-ip-raw-incoming",
+    "vsock-to-ip-raw-outgoing",
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["ip-to-vsock-raw-incoming", "-v", "88-1200", "-q", "0"], "'-v' / '--vsock-addr'"),
+        (["ip-to-vsock-raw-incoming", "-v", "88:1200"], "'-q' / '--queue-num'"),
+        (["ip-to-vsock-raw-outgoing", "-v", "3:1200", "-q", "65536"], "'-q' / '--queue-num'"),
+        (["ip-to-vsock-raw-outgoing", "-v", "3:1200", "-q", "one"], "'-q' / '--queue-num'"),
+        (["vsock-to-ip-raw-incoming", "-v", "88:1200"], "'-d' / '--device'"),
+        (["vsock-to-ip-raw-incoming", "-v", "88", "-d", "lo"], "'-v' / '--vsock-addr'"),
+        (["vsock-to-ip-raw-outgoing"], "'-v' / '--vsock-addr'"),
+        (
+            ["vsock-to-ip-raw-outgoing", "-v", "3:1200", "--stats-interval", "-1"],
+            "'--stats-interval'",
+        ),
+    ],
+)
+def test_usage_errors_exit_2_naming_the_flag(args: list[str], flag: str) -> None:
+    result = run_briefly(*args)
+    assert result.returncode == 2, result
+    assert flag in result.stderr
+
+
+@pytest.mark.parametrize("command", RAW_COMMANDS)
+def test_help_and_version(command: str) -> None:
+    for flag in ("-h", "--help"):
+        result = run_briefly(command, flag)
+        assert result.returncode == 0
+        assert "-v, --vsock-addr CID:PORT" in result.stdout
+    for flag in ("-V", "--version"):
+        result = run_briefly(command, flag)
+        assert result.returncode == 0
+        assert result.stdout.startswith(f"{command}, version ")
+
+
+def test_missing_or_bad_ip_file_exits_1_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.txt"
+    result = run_briefly("vsock-to-ip-raw-incoming", "-v", "88:1200", "-d", "lo",
+                         "--ip-file", str(missing))  # fmt: skip
+    assert result.returncode == 1
+    assert f"failed to read the enclave address from {missing}" in result.stderr
+    bad = tmp_path / "ip.txt"
+    bad.write_text("not-an-address\n")
+    result = run_briefly("vsock-to-ip-raw-incoming", "-v", "88:1200", "-d", "lo",
+                         "--ip-file", str(bad))  # fmt: skip
+    assert result.returncode == 1
+    assert f"{bad} does not hold an IPv4 address" in result.stderr
+
+
+@pytest.fixture
+def bare() -> Iterator[Netns]:
+    """A namespace with only lo (no eth*/ens* interface)."""
+    with netns("pfp-rawcmd") as ns:
+        yield ns
+
+
+@pytest.mark.root
+def test_outgoing_without_a_matching_interface_exits_1(bare: Netns) -> None:
+    result = bare.run("vsock-to-ip-raw-outgoing", "-v", "3:1200", check=False)
+    assert result.returncode == 1
+    assert "no matching interface found" in result.stderr
+    result = bare.run("vsock-to-ip-raw-outgoing", "-v", "3:1200", "--device", "lo", check=False)
+    assert result.returncode == 1
+    assert "device lo has no IPv4 address" in result.stderr
+
+
+@pytest.mark.root
+def test_a_stalled_vsock_peer_stops_the_queue_reads_not_memory(bare: Netns, tmp_path: Path) -> None:
+    """The peer accepts but never reads: the proxy fills the stream, then stops reading the
+    queue; the kernel queue overflows and drops, the proxy's memory stays flat."""
+    bare.run("ip", "link", "set", "lo", "mtu", "9001")
+    bare.run("iptables", "-A", "OUTPUT", "-p", "udp", "--dport", "9999",
+             "-j", "NFQUEUE", "--queue-num", "3")  # fmt: skip
+    vsock_dir = tmp_path / "vs"
+    vsock_dir.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled:
+        stalled.bind(str(vsock_dir / "3_1200.sock"))
+        stalled.listen()
+        proxy = NsProxy(bare, ["ip-to-vsock-raw-outgoing", "-v", "3:1200", "-q", "3"],
+                        tmp_path, {"PF_PROXY_VSOCK_DIR": str(vsock_dir)})  # fmt: skip
+        try:
+            proxy.wait_for("Connected to vsock 3:1200")
+            conn, _ = stalled.accept()  # accepted, never read
+            start_rss = rss_kib(proxy.process.pid)
+            sender = in_netns(bare, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            # Queued packets stay charged to the sender's buffer: make it big enough to fill
+            # the kernel queue (1024 packets), and never block on it.
+            sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 64 << 20)
+            sender.setblocking(False)
+            with sender, conn:
+                for _ in range(20_000):  # 180 MB offered, far beyond every buffer on the way
+                    try:
+                        sender.sendto(bytes(8972), ("127.0.0.1", 9999))
+                    except BlockingIOError:
+                        time.sleep(0.001)
+                deadline = time.monotonic() + WAIT
+                while queue_state(bare, 3)["queue_dropped"] == 0:
+                    assert time.monotonic() < deadline, "the kernel queue never overflowed"
+                    time.sleep(0.1)
+                growth = rss_kib(proxy.process.pid) - start_rss
+                assert growth < 32 * 1024, f"RSS grew by {growth} KiB"
+                assert proxy.process.poll() is None
+        finally:
+            assert proxy.stop() == 0
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
