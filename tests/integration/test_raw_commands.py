@@ -85,9 +85,13 @@ def test_outgoing_without_a_matching_interface_exits_1(bare: Netns) -> None:
     result = bare.run("vsock-to-ip-raw-outgoing", "-v", "3:1200", check=False)
     assert result.returncode == 1
     assert "no matching interface found" in result.stderr
-    result = bare.run("vsock-to-ip-raw-outgoing", "-v", "3:1200", "--device", "lo", check=False)
-    assert result.returncode == 1
-    assert "device lo has no IPv4 address" in result.stderr
+    bare.run("ip", "link", "add", "dummy0", "type", "dummy")
+    for device in ("dummy0", "nosuch0"):
+        result = bare.run(
+            "vsock-to-ip-raw-outgoing", "-v", "3:1200", "--device", device, check=False
+        )
+        assert result.returncode == 1
+        assert f"device {device} has no IPv4 address (or does not exist)" in result.stderr
 
 
 @pytest.mark.root
