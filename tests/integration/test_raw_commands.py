@@ -82,11 +82,11 @@ def bare() -> Iterator[Netns]:
 
 @pytest.mark.root
 def test_outgoing_without_a_matching_interface_exits_1(bare: Netns) -> None:
+    bare.run("ip", "link", "add", "eth7", "type", "veth", "peer", "name", "ens8")  # no addresses
     result = bare.run("vsock-to-ip-raw-outgoing", "-v", "3:1200", check=False)
     assert result.returncode == 1
     assert "no matching interface found" in result.stderr
-    bare.run("ip", "link", "add", "dummy0", "type", "dummy")
-    for device in ("dummy0", "nosuch0"):
+    for device in ("eth7", "nosuch0"):
         result = bare.run(
             "vsock-to-ip-raw-outgoing", "-v", "3:1200", "--device", device, check=False
         )
