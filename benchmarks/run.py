@@ -27,6 +27,7 @@ from statistics import median
 
 import uvloop
 
+from benchmarks import rawpath
 from benchmarks.processes import (
     echo_server,
     iperf3,
@@ -49,6 +50,9 @@ LEGEND = """\
 - Memory: VmRSS of each proxy process while the idle connections are held, minus before,
   per connection; socat forks two processes per connection, so its figure is the PSS of all
   its processes per side and connection.
+- Raw path: iperf3 through the four raw proxies in the tuna deployment built in network
+  namespaces (enclave, host, "internet"; MTU 9001; emulated vsock), against the same three
+  namespaces with the host routing in the kernel instead (benchmarks/rawpath.py).
 - "Met" compares with the targets of issue 4; these are measurements, not tests."""
 
 
@@ -310,16 +314,42 @@ def memory(settings: Settings, workdir: Path) -> list[Row]:
 
 
 def raw_path(settings: Settings, workdir: Path) -> list[Row]:
-    """NOT MEASURED YET: the raw proxies are being written.
-
-    To fill in: iperf3 TCP throughput through the four raw proxies in the end-to-end namespace
-    topology (MTU 9001), each direction, against the same topology with plain kernel routing;
-    packets per second through ip-to-vsock-raw-outgoing. Target: >= 2 Gbit/s each direction.
-    """
-    return [
-        Row("Raw path, Gbit/s each direction (not measured yet)", None, None, "kernel routing"),
-        Row("Raw path, packets/s ip-to-vsock-raw-outgoing (not measured yet)", None, None, ""),
-    ]
+    """iperf3 through the four raw proxies in the tuna topology (benchmarks/rawpath.py),
+    each direction, against the same namespaces with kernel routing; packets per second
+    through ip-to-vsock-raw-outgoing. Needs root (network namespaces, iptables)."""
+    if os.geteuid() != 0:
+        _progress("raw path: skipped, needs root")
+        return [Row("Raw path (not measured: needs root)", None, None, "")]
+    samples: dict[str, list[float]] = defaultdict(list)
+    for run in range(settings.runs):
+        result = rawpath.measure(settings.bulk_seconds)
+        for setup, figures in result.items():
+            for figure, value in figures.items():
+                samples[f"{setup}.{figure}"].append(value)
+        _progress(f"raw path run {run + 1}: {json.dumps(result)}")
+    m = _medians(samples)
+    rows = []
+    for direction, label in (("out", "enclave -> internet"), ("in", "internet -> enclave")):
+        ours, routing = m[f"raw.{direction}"], m[f"routing.{direction}"]
+        rows.append(
+            Row(
+                f"Raw path, {label}, MTU 9001, Gbit/s",
+                ours,
+                routing,
+                "kernel routing",
+                ">= 2 Gbit/s",
+                ours >= 2.0,
+            )
+        )
+    rows.append(
+        Row(
+            "Raw path, packets/s through ip-to-vsock-raw-outgoing (iperf3 MSS 1400)",
+            m["raw.pps"],
+            None,
+            "",
+        )
+    )
+    return rows
 
 
 # --- the table -------------------------------------------------------------------------------

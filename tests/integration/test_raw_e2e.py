@@ -1,187 +1,34 @@
-"""The four raw proxies end to end, in the tuna images' deployment, inside network namespaces.
-
-    internet (S)  --veth, MTU 9001--  host (eth0: X)  ==emulated vsock==  enclave (lo: X)
-
-- "enclave": only ``lo``, MTU 9001, carrying the shared address X, default route
-  ``dev lo src X``; the nat-free OUTPUT rule of ``reference.md`` (ipsets ``portfilter`` and
-  ``internal``) queues its outgoing TCP to nfqueue 0. ``ip-to-vsock-raw-outgoing`` sends the
-  queue to the host, ``vsock-to-ip-raw-incoming`` writes the host's packets into ``lo``.
-- "host": ``eth0`` with X, INPUT rules queueing TCP to ports 80, 443 and 1024:61439 to
-  nfqueue 0. ``ip-to-vsock-raw-incoming`` sends the queue to the enclave,
-  ``vsock-to-ip-raw-outgoing`` (finding ``eth0`` by itself) sends the enclave's packets out.
-- "internet": the other end of the veth, address S, and a second address in a reserved range.
-
-X and S are outside the reserved list (they must be, to pass the outgoing filter). That is safe
-only because these three namespaces are linked to each other and to nothing else: the fixture
-asserts that no interface leads out of them and no route points anywhere else.
-"""
+"""The four raw proxies end to end, in the tuna images' deployment (see tests/integration/tuna.py):
+an enclave, a host and an "internet" namespace, MTU 9001, the reference's iptables rules, and
+emulated vsock between enclave and host."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import signal
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.integration.namespaced import WAIT, NsProxy, in_netns, same_bytes, tcp_socket_in
-from tests.netns import Netns, netns, veth
+from tests.integration.tuna import (
+    HOST_CID,
+    LINK_PORT,
+    MTU,
+    RESERVED_SERVER,
+    SERVER,
+    SHARED,
+    deployment,
+)
+from tests.netns import Netns
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
 MiB = 1 << 20
-MTU = 9001
-SHARED = "11.22.33.1"  # X: the host's eth0 and the enclave's lo (see the module docstring)
-SERVER = "11.22.33.2"  # S: the internet namespace
-RESERVED_SERVER = "10.99.0.2"  # in 10.0.0.0/8: the enclave must never reach it
-RESERVED_RANGES = (  # reference.md's list, as the enclave's `internal` ipset holds it
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
-    "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "233.252.0.0/24", "240.0.0.0/4",
-    "255.255.255.255/32",
-)  # fmt: skip
-ENCLAVE_CID, HOST_CID, LINK_PORT = 88, 3, 1200
-
-
-@dataclass
-class Deployment:
-    enclave: Netns
-    host: Netns
-    internet: Netns
-    vsock_dir: Path
-    log_dir: Path
-    ip_file: Path
-    proxies: dict[str, NsProxy]
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"PF_PROXY_VSOCK_DIR": str(self.vsock_dir)}
-
-    def start(self, command: str) -> NsProxy:
-        """Start one of the four proxies where it runs in the tuna images."""
-        ns, args = self.where(command)
-        running = NsProxy(ns, [command, *args, "--stats-interval", "0.5"], self.log_dir, self.env)
-        running.wait_for("Listening on:")
-        if command.startswith("ip-to-vsock"):
-            running.wait_for("Connected to vsock")
-        self.proxies[command] = running
-        return running
-
-    def where(self, command: str) -> tuple[Netns, list[str]]:
-        link = f"{LINK_PORT}"
-        return {
-            "vsock-to-ip-raw-outgoing": (self.host, ["-v", f"{HOST_CID}:{link}"]),
-            "vsock-to-ip-raw-incoming": (
-                self.enclave,
-                ["-v", f"{ENCLAVE_CID}:{link}", "-d", "lo", "--ip-file", str(self.ip_file)],
-            ),
-            "ip-to-vsock-raw-outgoing": (self.enclave, ["-v", f"{HOST_CID}:{link}", "-q", "0"]),
-            "ip-to-vsock-raw-incoming": (self.host, ["-v", f"{ENCLAVE_CID}:{link}", "-q", "0"]),
-        }[command]
-
-    def kill(self, command: str) -> None:
-        running = self.proxies.pop(command)
-        os.kill(running.process.pid, signal.SIGKILL)
-        running.process.wait(WAIT)
-
-
-def _json(ns: Netns, *args: str) -> list[dict[str, Any]]:
-    return json.loads(ns.run("ip", "-j", *args).stdout or "[]")  # type: ignore[no-any-return]
-
-
-def assert_isolated(namespaces: dict[str, Netns], allowed_links: dict[str, set[str]]) -> None:
-    """Every interface of the test's namespaces is `lo` or a veth whose peer is in one of
-    them, and no route leads anywhere else: nothing here can reach the outside world."""
-    ours = {ns.name for ns in namespaces.values()}
-    for name, ns in namespaces.items():
-        links = _json(ns, "link", "show")
-        assert {link["ifname"] for link in links} == allowed_links[name], links
-        peer_names = {entry["nsid"]: entry.get("name") for entry in _json(ns, "netns", "list-id")}
-        for link in links:
-            if link["ifname"] != "lo":
-                assert peer_names.get(link.get("link_netnsid")) in ours, (name, link, peer_names)
-        for route in _json(ns, "route", "show"):
-            if route["dst"] == "default":
-                assert (name, route["dev"]) == ("enclave", "lo"), route
-            assert route["dev"] in allowed_links[name], route
-
-
-def _ipset(ns: Netns, *args: str) -> None:
-    ns.run("ipset", *args)
-
-
-def build(stack: ExitStack, tmp: Path, enclave_rule: str = "deployed") -> Deployment:
-    """The three namespaces, their addresses, routes and iptables rules as deployed."""
-    enclave = stack.enter_context(netns("pfp-raw-enclave"))
-    host = stack.enter_context(netns("pfp-raw-host"))
-    internet = stack.enter_context(netns("pfp-raw-inet"))
-    veth(host, "eth0", internet, "eth0", mtu=MTU)
-    host.run("ip", "addr", "add", f"{SHARED}/24", "dev", "eth0")
-    internet.run("ip", "addr", "add", f"{SERVER}/24", "dev", "eth0")
-    host.run("ip", "addr", "add", "10.99.0.1/24", "dev", "eth0")
-    internet.run("ip", "addr", "add", f"{RESERVED_SERVER}/24", "dev", "eth0")
-
-    enclave.run("ip", "link", "set", "lo", "mtu", str(MTU))
-    enclave.run("ip", "addr", "add", f"{SHARED}/32", "dev", "lo")
-    enclave.run("ip", "route", "add", "default", "dev", "lo", "src", SHARED)
-    _ipset(enclave, "create", "portfilter", "bitmap:port", "range", "0-65535")
-    for ports in ("80", "443", "1024-61439"):
-        _ipset(enclave, "add", "portfilter", ports)
-    _ipset(enclave, "create", "internal", "hash:net")
-    for network in RESERVED_RANGES:
-        _ipset(enclave, "add", "internal", network)
-    if enclave_rule == "deployed":
-        match = ["-m", "set", "--match-set", "portfilter", "src",
-                 "-m", "set", "!", "--match-set", "internal", "dst"]  # fmt: skip
-    else:  # queue all of the enclave's TCP: only the proxy's own filter stands in the way
-        match = []
-    enclave.run("iptables", "-A", "OUTPUT", "-p", "tcp", "-s", SHARED, *match,
-                "-j", "NFQUEUE", "--queue-num", "0")  # fmt: skip
-    for ports in ("80", "443", "1024:61439"):
-        host.run("iptables", "-A", "INPUT", "-i", "eth0", "-p", "tcp", "--dport", ports,
-                 "-j", "NFQUEUE", "--queue-num", "0")  # fmt: skip
-
-    assert_isolated(
-        {"enclave": enclave, "host": host, "internet": internet},
-        {"enclave": {"lo"}, "host": {"lo", "eth0"}, "internet": {"lo", "eth0"}},
-    )
-
-    vsock_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pfp-rawvs-")))
-    ip_file = tmp / "ip.txt"
-    ip_file.write_text(f"{SHARED}\n")
-    return Deployment(enclave, host, internet, vsock_dir, tmp, ip_file, {})
-
-
-@contextmanager
-def deployment(tmp: Path, enclave_rule: str = "deployed") -> Iterator[Deployment]:
-    with ExitStack() as stack:
-        deployed = build(stack, tmp, enclave_rule)
-        try:
-            for command in (
-                "vsock-to-ip-raw-outgoing",
-                "vsock-to-ip-raw-incoming",
-                "ip-to-vsock-raw-outgoing",
-                "ip-to-vsock-raw-incoming",
-            ):
-                deployed.start(command)
-            yield deployed
-        finally:
-            codes = {name: running.stop() for name, running in deployed.proxies.items()}
-            assert all(code == 0 for code in codes.values()), codes
-            for name, running in deployed.proxies.items():  # SIGTERM: counters, then exit 0
-                last_line = running.stdout.splitlines()[-1]
-                assert f"INFO {name}: forwarded " in last_line, running.stdout
-
 
 # --- servers and clients --------------------------------------------------------------------
 

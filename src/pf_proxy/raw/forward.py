@@ -36,6 +36,8 @@ from pf_proxy.runtime import systemd_notify
 
 log = logging.getLogger("pf_proxy")
 
+LINK_BUFFER = 4 << 20
+SO_SNDBUFFORCE = 32
 IOV_MAX = 1024  # limits.h: most buffers one sendmsg takes
 READS_PER_WAKEUP = 16  # vsock reads per readiness callback, so one link cannot starve a loop
 
@@ -150,6 +152,10 @@ class QueueToVsock(_Forwarder):
             if self._link is None:
                 self._link = await connect_with_backoff(self.endpoint)
                 self._link.shutdown(socket.SHUT_RD)  # nothing comes back on this stream
+                try:
+                    self._link.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, LINK_BUFFER)
+                except OSError:
+                    pass
             queue = self._queue
             await self._readable(queue.fileno())
             with self._in_hand():
