@@ -5,6 +5,13 @@
 A failure in one connection is logged and closes that connection only. On SIGTERM or SIGINT
 the listener closes, live connections get `drain_timeout` seconds to finish, the rest are
 closed, and `serve()` returns 0.
+
+Descriptors: each relayed connection holds two sockets, and a pipe while a direction waits
+for a slow reader. So the listener accepts at most `connection_limit()` connections at once,
+computed from the open-file limit; beyond that, new connections wait in the listen backlog
+(they are not accepted only to be reset when their upstream socket cannot be opened). Should
+accept() still run out of descriptors, the listener pauses briefly instead of spinning. Either
+overload is logged once, and once more when the listener has caught up.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import resource
 import signal
 import socket
 from dataclasses import dataclass
@@ -29,6 +37,18 @@ log = logging.getLogger("pf_proxy")
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_BACKOFF = 0.1
 ACCEPTS_PER_WAKEUP = 64
+# Descriptors per connection: its two sockets and one pipe (a direction waiting for a slow
+# reader holds one); the relay copies through user space when no pipe can be had.
+FDS_PER_CONNECTION = 4
+# Descriptors kept for everything else: the event loop's own, the relay's pool of spare
+# pipes, name resolution.
+SPARE_FDS = 64
+MIN_CONNECTION_LIMIT = 8
+
+
+def connection_limit(open_file_limit: int) -> int:
+    """How many connections fit in `open_file_limit` descriptors at once."""
+    return max(MIN_CONNECTION_LIMIT, (open_file_limit - SPARE_FDS) // FDS_PER_CONNECTION)
 
 
 @dataclass(frozen=True)
@@ -42,57 +62,73 @@ class Settings:
 
 
 class Listener:
-    """Accepts on a listening socket and starts a task per connection."""
+    """Accepts on a listening socket and starts a task per connection, up to `max_connections`."""
 
-    def __init__(self, sock: socket.socket, name: str, route: Route, settings: Settings) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        name: str,
+        route: Route,
+        settings: Settings,
+        max_connections: int,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock = sock
         self.name = name
         self.route = route
         self.settings = settings
+        self.max_connections = max_connections
         self.tasks: set[asyncio.Task[None]] = set()
-        self.paused = False
+        self.overloaded = False  # an overload was logged; cleared when accept() catches up
 
     def start(self) -> None:
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
         for _ in range(ACCEPTS_PER_WAKEUP):
+            if len(self.tasks) >= self.max_connections:
+                self._stop_accepting(
+                    f"{len(self.tasks)} connections open, the limit "
+                    "(it grows with the open file limit, e.g. systemd's LimitNOFILE=)"
+                )
+                return  # _connection_closed() starts accepting again
             try:
                 conn, peer = self.sock.accept()
             except BlockingIOError:
+                if self.overloaded:
+                    log.info("Accepting on %s again: no connection waiting", self.name)
+                    self.overloaded = False
                 return
             except OSError as exc:
                 if exc.errno in _RESOURCE_ERRORS:
-                    self._pause(exc)
+                    self._stop_accepting(f"{exc}, with {len(self.tasks)} connections open")
+                    self.loop.call_later(ACCEPT_BACKOFF, self._resume)
                 else:
                     log.error("Failed to accept connection on %s: %s", self.name, exc)
                 return
-            self.paused = False  # the next resource error is a new episode, logged again
             conn.setblocking(False)
             task = self.loop.create_task(
                 handle_connection(conn, _peer_name(peer, self.name), self.route, self.settings)
             )
             self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(self._connection_closed)
 
-    def _pause(self, exc: OSError) -> None:
-        """Out of descriptors: stop accepting for a moment; log once per episode."""
-        if not self.paused:
-            log.error(
-                "Failed to accept connection on %s: %s; pausing accepts while %d connections "
-                "are open",
-                self.name,
-                exc,
-                len(self.tasks),
-            )
-        self.paused = True
+    def _stop_accepting(self, why: str) -> None:
+        """Leave new connections in the backlog for now; log once per overload."""
+        if not self.overloaded:
+            log.error("Not accepting on %s for now: %s; new connections wait", self.name, why)
+            self.overloaded = True
         self.loop.remove_reader(self.sock.fileno())
-        self.loop.call_later(ACCEPT_BACKOFF, self._resume)
+
+    def _connection_closed(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if self.overloaded and len(self.tasks) < self.max_connections:
+            self._resume()
 
     def _resume(self) -> None:
         if self.sock.fileno() >= 0:
             self.loop.add_reader(self.sock.fileno(), self._on_readable)
+            self._on_readable()  # accept now, or learn that nobody waits any more
 
     async def close(self, drain_timeout: float) -> None:
         """Stop accepting; give live connections `drain_timeout` seconds, cancel the rest."""
@@ -194,7 +230,15 @@ async def serve(listen: Endpoint, route: Route, settings: Settings) -> int:
         log.error("%s", exc)
         return 1
     loop = asyncio.get_running_loop()
-    listener = Listener(sock, str(listen), route, settings)
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if open_files == resource.RLIM_INFINITY:
+        open_files = 1 << 30
+    listener = Listener(sock, str(listen), route, settings, connection_limit(open_files))
+    log.info(
+        "Accepting up to %d connections at once (open file limit %d)",
+        listener.max_connections,
+        open_files,
+    )
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

@@ -7,9 +7,9 @@ Each direction is a `_Pump` driven by the event loop's readiness callbacks:
     EOF on src    -> shutdown(dst, SHUT_WR) (half-close); the other direction keeps flowing
 
 On Linux the chunk moves through a pipe with splice(2) and never enters user space. Where the
-kernel refuses splice for a socket type, that direction falls back to recv_into a reusable
-buffer. Either way at most one chunk per direction is held: a slow reader slows the writer,
-and memory stays bounded.
+kernel refuses splice for a socket type, or no pipe can be made for want of descriptors, that
+direction falls back to recv_into a reusable buffer. Either way at most one chunk per
+direction is held: a slow reader slows the writer, and memory stays bounded.
 
 The pipe or buffer that carries a chunk (its *carrier*) is borrowed from a small pool of
 empty ones for the read and given back as soon as dst has taken the whole chunk; only a
@@ -80,7 +80,13 @@ class _Pump:
         """Move one chunk out of src; 0 means EOF. Raises BlockingIOError if none ready."""
         if self.use_splice:
             if self.pipe is None:
-                self.pipe = _free_pipes.pop() if _free_pipes else _make_pipe()
+                try:
+                    self.pipe = _free_pipes.pop() if _free_pipes else _make_pipe()
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    self._fall_back_to_copy()  # out of descriptors: no reason to fail
+                    return self._read()
             try:
                 n = os.splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
             except OSError as exc:
@@ -162,11 +168,24 @@ class _Pump:
                     self.loop.add_writer(self.dst_fd, self._on_writable)
                     return
                 if n < (PIPE_SIZE if self.use_splice else COPY_CHUNK):
-                    return  # src is drained; save the read that would say so (EAGAIN)
+                    break  # src is drained; save the read that would say so (EAGAIN)
+            self._raise_pending_error()
         except BlockingIOError:
             pass
         except OSError as exc:
             self._fail(exc)
+
+    def _raise_pending_error(self) -> None:
+        """Raise the error src holds, if any (SO_ERROR reads and clears it).
+
+        When readiness comes with an error (a reset right behind the last bytes), uvloop calls
+        the reader once and then stops watching the socket: an error not found in that call
+        is never reported, and the relay would wait for ever. So a wakeup that stops reading
+        before src said EAGAIN asks for it.
+        """
+        err = self.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
 
     def _on_writable(self) -> None:
         try:

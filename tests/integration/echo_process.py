@@ -1,0 +1,48 @@
+"""An echo server as a process of its own, for tests that kill and restart an upstream.
+
+    python -m tests.integration.echo_process tcp 127.0.0.1 PORT
+    python -m tests.integration.echo_process unix /path/to/88_5000.sock
+
+Prints "ready" once listening, then echoes every byte of every connection and half-closes
+after the peer does. A stale socket file at the Unix path is replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+
+
+def echo(conn: socket.socket) -> None:
+    with conn:
+        try:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def main() -> None:
+    kind = sys.argv[1]
+    if kind == "tcp":
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((sys.argv[2], int(sys.argv[3])))
+    else:
+        path = sys.argv[2]
+        if os.path.exists(path):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+    listener.listen(128)
+    print("ready", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()
