@@ -24,7 +24,6 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 from pf_proxy.endpoints import Endpoint, VsockEndpoint
 from pf_proxy.raw.framing import FramingError, Ipv4StreamFramer
@@ -36,8 +35,8 @@ from pf_proxy.runtime import systemd_notify
 
 log = logging.getLogger("pf_proxy")
 
-LINK_BUFFER = 4 << 20
-SO_SNDBUFFORCE = 32
+LINK_BUFFER = 4 << 20  # the vsock link's send buffer: room for a burst of jumbo packets
+SO_SNDBUFFORCE = 32  # asm-generic/socket.h: SO_SNDBUF beyond wmem_max (CAP_NET_ADMIN)
 IOV_MAX = 1024  # limits.h: most buffers one sendmsg takes
 READS_PER_WAKEUP = 16  # vsock reads per readiness callback, so one link cannot starve a loop
 
@@ -46,10 +45,6 @@ LINK_DOWN = "vsock-link-down"  # in hand when the vsock stream broke
 CUT_BY_DISCONNECT = "cut-by-disconnect"  # a stream ended inside a packet
 NOT_WHOLE_IPV4 = "not-whole-ipv4"  # queued but cut by the copy range, or not IPv4
 RAW_SOCKET_BROKEN = "raw-socket-broken"  # in hand when the raw socket failed
-
-
-class Stopped(Exception):
-    """Raised inside :meth:`run` instead of taking new packets in hand after a stop."""
 
 
 class Stats:
@@ -68,54 +63,33 @@ class Stats:
         return text
 
 
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 class _Forwarder:
-    """Waiting for sockets, and knowing when no packets are in hand (safe to stop)."""
+    """What both forwarders share: counters, and the state a stop looks at.
+
+    The hot path runs in the event loop's readiness callbacks (no task switch per batch);
+    :meth:`run` is a supervisor that opens what is needed, then waits on :attr:`_trouble`
+    for a callback to report something broken, and reopens it.
+    """
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.stats = Stats()
         self.stopping = False
+        """Set by :func:`serve`: take no new packets in hand."""
         self.idle = asyncio.Event()
+        """Set while no packets are in hand (waiting for a full socket to drain)."""
         self.idle.set()
+        self._trouble: asyncio.Future[str] = self.loop.create_future()
 
-    @contextmanager
-    def _in_hand(self) -> Iterator[None]:
-        """Around taking packets and sending them on: a stop waits for the block to end."""
-        if self.stopping:
-            raise Stopped
-        self.idle.clear()
+    def _report_trouble(self, what: str) -> None:
+        if not self._trouble.done():
+            self._trouble.set_result(what)
+
+    async def _wait_for_trouble(self) -> str:
         try:
-            yield
+            return await self._trouble
         finally:
-            self.idle.set()
-
-    async def _readable(self, fd: int) -> None:
-        waiter = self.loop.create_future()
-        self.loop.add_reader(fd, _wake, waiter)
-        try:
-            await waiter
-        finally:
-            self.loop.remove_reader(fd)
-
-    async def _writable(self, fd: int) -> None:
-        waiter = self.loop.create_future()
-        self.loop.add_writer(fd, _wake, waiter)
-        try:
-            await waiter
-        finally:
-            self.loop.remove_writer(fd)
-
-
-class LinkBroken(Exception):
-    def __init__(self, error: OSError, unsent: int) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.unsent = unsent
+            self._trouble = self.loop.create_future()
 
 
 class QueueToVsock(_Forwarder):
@@ -127,93 +101,134 @@ class QueueToVsock(_Forwarder):
         self.endpoint = endpoint
         self._queue: NfQueue | None = None
         self._link: socket.socket | None = None
+        self._pending: list[memoryview] = []  # read, not yet wholly sent; views of the queue
+        self._first = 0  # self._pending[self._first] is the first not yet wholly sent
 
     async def run(self) -> None:
+        announced = False
         try:
-            await self._forward()
-        except Stopped:
-            pass
+            while True:
+                if self._queue is None:
+                    self._queue = await open_with_backoff(
+                        f"nfqueue {self.queue_num}", lambda: NfQueue.open(self.queue_num)
+                    )
+                    log.info("Listening on: nfqueue %d", self.queue_num)
+                    if not announced:
+                        systemd_notify("READY=1")
+                        announced = True
+                if self._link is None:
+                    self._link = await connect_with_backoff(self.endpoint)
+                    self._link.shutdown(socket.SHUT_RD)  # nothing comes back on this stream
+                    try:
+                        self._link.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, LINK_BUFFER)
+                    except OSError:
+                        pass  # not root, or not a socket type that has it: the default works
+                self.loop.add_reader(self._queue.fileno(), self._on_queue_readable)
+                try:
+                    await self._wait_for_trouble()
+                finally:
+                    self._stop_watching()
         finally:
             for resource in (self._queue, self._link):
                 if resource is not None:
                     resource.close()
 
-    async def _forward(self) -> None:
-        announced = False
-        while True:
-            if self._queue is None:
-                self._queue = await open_with_backoff(
-                    f"nfqueue {self.queue_num}", lambda: NfQueue.open(self.queue_num)
-                )
-                log.info("Listening on: nfqueue %d", self.queue_num)
-                if not announced:
-                    systemd_notify("READY=1")
-                    announced = True
-            if self._link is None:
-                self._link = await connect_with_backoff(self.endpoint)
-                self._link.shutdown(socket.SHUT_RD)  # nothing comes back on this stream
-                try:
-                    self._link.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, LINK_BUFFER)
-                except OSError:
-                    pass
-            queue = self._queue
-            await self._readable(queue.fileno())
-            with self._in_hand():
-                try:
-                    packets = queue.read_packets()
-                except OSError as exc:
-                    self._reopen_queue(exc)
-                    continue
-                self._count_unusable(queue)
-                if packets:
-                    try:
-                        await self._send(self._link, packets)
-                    except LinkBroken as broken:
-                        log.error(
-                            "Failed to send packets to %s: %s; reconnecting (%d packets dropped)",
-                            self.endpoint,
-                            broken.error,
-                            broken.unsent,
-                        )
-                        self.stats.drops.add(LINK_DOWN, broken.unsent)
-                        self._link.close()
-                        self._link = None
-                try:
-                    queue.drop_read_packets()
-                except OSError as exc:
-                    self._reopen_queue(exc)
+    def _stop_watching(self) -> None:
+        if self._queue is not None:
+            self.loop.remove_reader(self._queue.fileno())
+        if self._link is not None:
+            self.loop.remove_writer(self._link.fileno())
 
-    def _count_unusable(self, queue: NfQueue) -> None:
+    def _on_queue_readable(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        if self.stopping:
+            self.loop.remove_reader(queue.fileno())
+            return
+        try:
+            packets = queue.read_packets()
+        except OSError as exc:
+            self._queue_failed(exc)
+            return
         if queue.unusable_packets:
             self.stats.drops.add(NOT_WHOLE_IPV4, queue.unusable_packets)
             queue.unusable_packets = 0  # counted here now
+        self._pending, self._first = packets, 0
+        if self._flush() is False:  # the link is full: stop reading until it drains
+            assert self._link is not None
+            self.loop.remove_reader(queue.fileno())
+            self.loop.add_writer(self._link.fileno(), self._on_link_writable)
 
-    def _reopen_queue(self, exc: OSError) -> None:
-        log.error("nfqueue %d failed: %s; reopening it", self.queue_num, exc)
-        assert self._queue is not None
-        self._queue.close()
-        self._queue = None
+    def _on_link_writable(self) -> None:
+        if self._flush() is True:
+            assert self._link is not None and self._queue is not None
+            self.loop.remove_writer(self._link.fileno())
+            self.loop.add_reader(self._queue.fileno(), self._on_queue_readable)
 
-    async def _send(self, link: socket.socket, packets: list[memoryview]) -> None:
-        """Send every packet whole, in order, waiting while the link is full."""
-        first = 0  # packets[first] is the first not yet wholly sent
-        while first < len(packets):
+    def _flush(self) -> bool | None:
+        """Send the packets in hand, then drop them all with one verdict.
+
+        True when done, False when the link is full (call again once it is writable), None
+        when something broke (reported to :meth:`run`).
+        """
+        link, pending = self._link, self._pending
+        assert link is not None
+        while self._first < len(pending):
+            self.idle.clear()
             try:
-                sent = link.sendmsg(packets[first : first + IOV_MAX])
+                sent = link.sendmsg(pending[self._first : self._first + IOV_MAX])
             except BlockingIOError:
-                await self._writable(link.fileno())
-                continue
+                return False
             except OSError as exc:
-                raise LinkBroken(exc, len(packets) - first) from exc
+                self._link_failed(exc)
+                return None
             while sent:
-                size = len(packets[first])
+                size = len(pending[self._first])
                 if sent < size:
-                    packets[first] = packets[first][sent:]
+                    pending[self._first] = pending[self._first][sent:]
                     break
                 sent -= size
                 self.stats.packets += 1
                 self.stats.bytes += size
-                first += 1
+                self._first += 1
+        self._release()
+        return True
+
+    def _release(self) -> None:
+        """Verdict DROP for everything read; nothing is in hand afterwards."""
+        self._pending, self._first = [], 0
+        self.idle.set()
+        if self._queue is not None:
+            try:
+                self._queue.drop_read_packets()
+            except OSError as exc:
+                self._queue_failed(exc)
+
+    def _link_failed(self, exc: OSError) -> None:
+        unsent = len(self._pending) - self._first
+        log.error(
+            "Failed to send packets to %s: %s; reconnecting (%d packets dropped)",
+            self.endpoint,
+            exc,
+            unsent,
+        )
+        self.stats.drops.add(LINK_DOWN, unsent)
+        self._stop_watching()
+        assert self._link is not None
+        self._link.close()
+        self._link = None
+        self._release()
+        self._report_trouble("link")
+
+    def _queue_failed(self, exc: OSError) -> None:
+        log.error("nfqueue %d failed: %s; reopening it", self.queue_num, exc)
+        self._stop_watching()
+        assert self._queue is not None
+        self._queue.close()
+        self._queue = None
+        self._pending, self._first = [], 0  # views into the closed queue's buffer
+        self.idle.set()
+        self._report_trouble("queue")
 
 
 class VsockToDevice(_Forwarder):
@@ -230,25 +245,30 @@ class VsockToDevice(_Forwarder):
         self.device = device
         self.check = check
         self._sender: RawSender | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._listener: socket.socket | None = None
+        self._stream: _Stream | None = None
         self._rejections_logged: set[int | None] = set()
 
     async def run(self) -> None:
-        listener: socket.socket | None = None
         try:
             self._sender = await self._open_sender()
-            listener = await open_with_backoff(f"listener on {self.listen}", self.listen.listen)
+            self._listener = await open_with_backoff(
+                f"listener on {self.listen}", self.listen.listen
+            )
             log.info("Listening on: %s", self.listen)
             systemd_notify("READY=1")
-            await self._accept_forever(listener)
-        except Stopped:
-            pass
+            self.loop.add_reader(self._listener.fileno(), self._on_acceptable)
+            while True:
+                await self._wait_for_trouble()  # the raw socket broke: reopen it
+                self._sender = await self._open_sender()
+                if self._stream is not None:
+                    self._stream.resume()
         finally:
-            if listener is not None:
-                listener.close()
-            if self._reader is not None:
-                self._reader.cancel()
-                await asyncio.wait([self._reader])
+            if self._listener is not None:
+                self.loop.remove_reader(self._listener.fileno())
+                self._listener.close()
+            if self._stream is not None:
+                self._stream.close()
             if self._sender is not None:
                 self._sender.close()
 
@@ -257,101 +277,62 @@ class VsockToDevice(_Forwarder):
             f"raw socket on device {self.device}", lambda: RawSender(self.device)
         )
 
-    async def _accept_forever(self, listener: socket.socket) -> None:
-        while True:
-            await self._readable(listener.fileno())
-            try:
-                conn, _ = listener.accept()
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                log.error("Failed to accept connection on %s: %s", self.listen, exc)
-                await asyncio.sleep(0.1)  # out of descriptors: let some go first
-                continue
-            conn.setblocking(False)
-            if self._reader is not None and not self._reader.done():
-                log.warning("New connection on %s replaces the current one", self.listen)
-                self._reader.cancel()
-                await asyncio.wait([self._reader])
-            else:
-                log.info("Accepted connection on %s", self.listen)
-            self._reader = self.loop.create_task(self._read_stream(conn))
-
-    async def _read_stream(self, conn: socket.socket) -> None:
-        """Forward the packets of one vsock stream until it ends or proves malformed."""
-        framer = Ipv4StreamFramer()
-        received = 0
+    def _on_acceptable(self) -> None:
+        assert self._listener is not None
         try:
-            try:
-                conn.shutdown(socket.SHUT_WR)  # nothing goes back on this stream
-            except OSError:
-                pass
-            while True:
-                await self._readable(conn.fileno())
-                with self._in_hand():
-                    for _ in range(READS_PER_WAKEUP):
-                        try:
-                            count = conn.recv_into(framer.buffer_for_read())
-                        except BlockingIOError:
-                            break
-                        if count == 0:
-                            self._stream_ended(framer.pending, received)
-                            return
-                        received += count
-                        framer.commit(count)
-                        for packet in framer.packets():
-                            await self._forward(packet)
-        except FramingError as exc:
-            self.stats.malformed_streams += 1
-            log.error(
-                "Dropping the connection on %s: malformed packet stream after %d bytes: %s",
-                self.listen,
-                received - framer.pending,
-                exc,
-            )
+            conn, _ = self._listener.accept()
+        except BlockingIOError:
+            return
         except OSError as exc:
-            log.error("Connection on %s failed: %s", self.listen, exc)
-            if framer.pending:
-                self.stats.drops.add(CUT_BY_DISCONNECT)
-        except Stopped:
-            pass
-        finally:
-            conn.close()
-
-    def _stream_ended(self, pending: int, received: int) -> None:
-        if pending:
-            self.stats.drops.add(CUT_BY_DISCONNECT)
-            log.warning(
-                "Connection on %s closed inside a packet (%d bytes of it dropped)",
-                self.listen,
-                pending,
-            )
+            log.error("Failed to accept connection on %s: %s", self.listen, exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                fd = self._listener.fileno()  # out of resources: pause instead of spinning
+                self.loop.remove_reader(fd)
+                self.loop.call_later(0.1, self.loop.add_reader, fd, self._on_acceptable)
+            return
+        if self._stream is not None:
+            log.warning("New connection on %s replaces the current one", self.listen)
+            self._stream.close()
         else:
-            log.info("Connection on %s closed after %d bytes", self.listen, received)
+            log.info("Accepted connection on %s", self.listen)
+        self._stream = _Stream(self, conn)
 
-    async def _forward(self, packet: memoryview) -> None:
+    def stream_ended(self, stream: _Stream) -> None:
+        if self._stream is stream:
+            self._stream = None
+
+    def send(self, packet: memoryview) -> bool | None:
+        """Check one packet and send it on: True when done with it (sent or dropped), False
+        when the raw socket is full (send it again once writable), None when the raw socket
+        broke (the packet is dropped; :meth:`run` reopens the socket)."""
         reason = self.check(packet)
         if reason is not None:
             self.stats.drops.add(reason)
-            return
-        while True:
-            sender = self._sender
-            assert sender is not None
-            try:
-                if sender.send(packet):
-                    self.stats.packets += 1
-                    self.stats.bytes += len(packet)
-                    return
-                await self._writable(sender.fileno())
-            except PacketRejected as rejected:
-                self._count_rejection(rejected)
-                return
-            except OSError as exc:
-                log.error("Raw socket on device %s failed: %s; reopening it", self.device, exc)
-                self.stats.drops.add(RAW_SOCKET_BROKEN)
-                sender.close()
-                self._sender = await self._open_sender()
-                return
+            return True
+        sender = self._sender
+        if sender is None:  # being reopened
+            self.stats.drops.add(RAW_SOCKET_BROKEN)
+            return None
+        try:
+            if not sender.send(packet):
+                return False
+        except PacketRejected as rejected:
+            self._count_rejection(rejected)
+            return True
+        except OSError as exc:
+            log.error("Raw socket on device %s failed: %s; reopening it", self.device, exc)
+            self.stats.drops.add(RAW_SOCKET_BROKEN)
+            sender.close()
+            self._sender = None
+            self._report_trouble("raw socket")
+            return None
+        self.stats.packets += 1
+        self.stats.bytes += len(packet)
+        return True
+
+    def sender_fileno(self) -> int:
+        assert self._sender is not None
+        return self._sender.fileno()
 
     def _count_rejection(self, rejected: PacketRejected) -> None:
         name = errno.errorcode.get(rejected.errno or 0, str(rejected.errno))
@@ -359,6 +340,127 @@ class VsockToDevice(_Forwarder):
         if rejected.errno not in self._rejections_logged:
             self._rejections_logged.add(rejected.errno)
             log.warning("%s; dropped (further %s drops are counted, not logged)", rejected, name)
+
+
+class _Stream:
+    """One accepted vsock connection of a :class:`VsockToDevice`, read in callbacks."""
+
+    def __init__(self, forwarder: VsockToDevice, conn: socket.socket) -> None:
+        self.forwarder = forwarder
+        self.loop = forwarder.loop
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.name = str(forwarder.listen)
+        self.framer = Ipv4StreamFramer()
+        self.packets: Iterator[memoryview] = iter(())
+        self.blocked: memoryview | None = None  # waiting for the raw socket to take it
+        self.writer_fd = -1  # the raw socket, while a packet is blocked on it
+        self.received = 0
+        conn.setblocking(False)
+        try:
+            conn.shutdown(socket.SHUT_WR)  # nothing goes back on this stream
+        except OSError:
+            pass
+        self.loop.add_reader(self.fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        forwarder = self.forwarder
+        if forwarder.stopping:
+            self.loop.remove_reader(self.fd)
+            return
+        framer = self.framer
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                count = self.conn.recv_into(framer.buffer_for_read())
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.error("Connection on %s failed: %s", self.name, exc)
+                if framer.pending:
+                    forwarder.stats.drops.add(CUT_BY_DISCONNECT)
+                self.close()
+                return
+            if count == 0:
+                self._ended()
+                return
+            self.received += count
+            framer.commit(count)
+            self.packets = framer.packets()
+            if not self._send_packets():
+                return
+
+    def _send_packets(self) -> bool:
+        """Send every whole packet received; False if reading must pause (or has ended)."""
+        forwarder = self.forwarder
+        try:
+            for packet in self.packets:
+                done = forwarder.send(packet)
+                if done is False:
+                    self.loop.remove_reader(self.fd)
+                    self._block(packet)
+                    return False
+                if done is None:
+                    self.loop.remove_reader(self.fd)  # until run() has reopened the socket
+                    return False
+        except FramingError as exc:
+            forwarder.stats.malformed_streams += 1
+            log.error(
+                "Dropping the connection on %s: malformed packet stream after %d bytes: %s",
+                self.name,
+                self.received - self.framer.pending,
+                exc,
+            )
+            self.close()
+            return False
+        return True
+
+    def _block(self, packet: memoryview) -> None:
+        """Hold `packet` until the raw socket is writable (reading is paused meanwhile)."""
+        self.blocked = packet
+        self.forwarder.idle.clear()
+        self.writer_fd = self.forwarder.sender_fileno()
+        self.loop.add_writer(self.writer_fd, self._on_sender_writable)
+
+    def _on_sender_writable(self) -> None:
+        self.loop.remove_writer(self.writer_fd)
+        packet, self.blocked = self.blocked, None
+        assert packet is not None
+        done = self.forwarder.send(packet)
+        if done is False:
+            self._block(packet)
+            return
+        self.forwarder.idle.set()
+        if done and self._send_packets():
+            self.resume()
+
+    def resume(self) -> None:
+        """Read again (after the raw socket drained or was reopened)."""
+        if self.conn.fileno() >= 0 and not self.forwarder.stopping:
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def _ended(self) -> None:
+        pending = self.framer.pending
+        if pending:
+            self.forwarder.stats.drops.add(CUT_BY_DISCONNECT)
+            log.warning(
+                "Connection on %s closed inside a packet (%d bytes of it dropped)",
+                self.name,
+                pending,
+            )
+        else:
+            log.info("Connection on %s closed after %d bytes", self.name, self.received)
+        self.close()
+
+    def close(self) -> None:
+        if self.conn.fileno() < 0:
+            return
+        self.loop.remove_reader(self.fd)
+        if self.blocked is not None:
+            self.blocked = None
+            self.loop.remove_writer(self.writer_fd)
+            self.forwarder.idle.set()
+        self.conn.close()
+        self.forwarder.stream_ended(self)
 
 
 async def serve(

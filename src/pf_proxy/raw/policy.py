@@ -65,7 +65,6 @@ ALLOWED_SOURCE_PORTS: tuple[range, ...] = (range(80, 81), range(443, 444), range
 """TCP source ports the enclave may use: 80, 443 and 1024-61439 (the host keeps 61440-65535)."""
 
 
-
 def _reserved_by_first_octet() -> tuple[tuple[tuple[int, int], ...] | None, ...]:
     """For each first octet: None if every address starting with it is reserved, else the
     (network, mask) pairs of the reserved networks inside it (usually none). One lookup then
