@@ -1,0 +1,174 @@
+"""contrib/: the systemd units and the supervisord example start real commands with valid flags.
+
+Each command line is parsed by the command itself (click's own parser and types, without
+running it), so a renamed flag, a bad address or a malformed CIDR in an example fails here.
+`systemd-analyze verify` checks the units where it is installed.
+"""
+
+from __future__ import annotations
+
+import configparser
+import shlex
+import shutil
+import subprocess
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+
+from pf_proxy.access import AccessPolicy, parse_cidr
+
+CONTRIB = Path(__file__).parents[2] / "contrib"
+UNITS = sorted((CONTRIB / "systemd").glob("*.service"))
+INSTALLED_BIN = "/opt/pf-proxy/bin/"
+RAW_CAPABILITIES = {"CAP_NET_ADMIN", "CAP_NET_RAW"}
+
+
+def commands() -> dict[str, click.Command]:
+    """The project's console scripts, loaded."""
+    found = {}
+    for entry in entry_points(group="console_scripts"):
+        if entry.value.startswith("pf_proxy."):
+            command = entry.load()
+            assert isinstance(command, click.Command), entry
+            found[entry.name] = command
+    assert len(found) == 9, sorted(found)
+    return found
+
+
+COMMANDS = commands()
+
+
+def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit file: section -> key -> values (a key may repeat); `\\` continues."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = pending + raw.strip() if pending else raw.strip()
+        pending = ""
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, equals, value = line.partition("=")
+        assert equals and current is not None, f"{path.name}: {raw!r}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    assert not pending, f"{path.name}: ends inside a continued line"
+    return sections
+
+
+def parse_command_line(line: str) -> tuple[str, click.Context]:
+    """Split a command line and let the command parse it (types and all, nothing run)."""
+    program, *args = shlex.split(line)
+    assert program.startswith(INSTALLED_BIN), program
+    name = program.removeprefix(INSTALLED_BIN)
+    assert name in COMMANDS, f"{name} is not one of the project's commands"
+    return name, COMMANDS[name].make_context(name, args)
+
+
+def listening_port(name: str, params: dict[str, Any]) -> int | None:
+    """The TCP port a command listens on (None when it listens on vsock or nfqueue)."""
+    if name in ("ip-to-vsock", "ip-to-vsock-transparent", "transparent-port-to-vsock"):
+        port: int = params["ip_addr"].port
+        return port
+    return None
+
+
+def test_one_unit_per_command() -> None:
+    assert {unit.stem for unit in UNITS} == set(COMMANDS)
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda unit: unit.stem)
+def test_unit_starts_its_command_with_valid_flags(unit: Path) -> None:
+    service = parse_unit(unit)["Service"]
+    (exec_start,) = service["ExecStart"]
+    name, ctx = parse_command_line(exec_start)
+    assert name == unit.stem
+    assert service["Type"] == ["notify"]  # every command sends READY=1 once listening
+    assert service["Restart"] == ["always"]
+    assert service["NoNewPrivileges"] == ["yes"]
+    # systemd's stop timeout must outlast the proxy's own drain
+    assert float(service["TimeoutStopSec"][0]) > ctx.params["drain_timeout"]
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda unit: unit.stem)
+def test_unit_capabilities_are_only_those_needed(unit: Path) -> None:
+    service = parse_unit(unit)["Service"]
+    name, ctx = parse_command_line(service["ExecStart"][0])
+    bounding = set(" ".join(service["CapabilityBoundingSet"]).split())
+    ambient = set(" ".join(service["AmbientCapabilities"]).split())
+    if "-raw-" in name:
+        expected = RAW_CAPABILITIES
+    else:
+        port = listening_port(name, ctx.params)
+        expected = {"CAP_NET_BIND_SERVICE"} if port is not None and port < 1024 else set()
+    assert bounding == expected
+    assert ambient == expected
+
+
+def test_transparent_unit_denies_the_metadata_service() -> None:
+    service = parse_unit(CONTRIB / "systemd" / "vsock-to-ip-transparent.service")["Service"]
+    _, ctx = parse_command_line(service["ExecStart"][0])
+    policy = AccessPolicy(ctx.params["allow"], ctx.params["deny"])
+    for denied in (
+        "169.254.169.254",
+        "fd00:ec2::254",
+        "::ffff:169.254.169.254",
+        "127.0.0.1",
+        "0.0.0.0",
+        "::1",
+        "::",
+    ):
+        assert not policy.permits(parse_cidr(denied).network_address), denied
+    assert policy.permits(parse_cidr("93.184.216.34").network_address)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The units as systemd reads them, with the console scripts where this test finds them."""
+    bin_dir = Path(shutil.which("vsock-to-ip") or "").parent
+    assert bin_dir.name, "the console scripts are not on PATH"
+    copies = []
+    for unit in UNITS:
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text().replace(INSTALLED_BIN, f"{bin_dir}/"))
+        copies.append(str(copy))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", *copies],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    ours = [line for line in output.splitlines() if any(u.stem in line for u in UNITS)]
+    assert not ours, "\n".join(ours)  # "Unknown key", bad values, missing executables
+
+
+def supervisord_programs() -> dict[str, configparser.SectionProxy]:
+    parser = configparser.RawConfigParser(inline_comment_prefixes=None)
+    parser.read(CONTRIB / "supervisord.conf")
+    return {
+        section.removeprefix("program:"): parser[section]
+        for section in parser.sections()
+        if section.startswith("program:")
+    }
+
+
+def test_supervisord_runs_every_command_with_valid_flags() -> None:
+    programs = supervisord_programs()
+    assert set(programs) == set(COMMANDS)
+    for program, section in programs.items():
+        name, ctx = parse_command_line(section["command"])
+        assert name == program
+        assert section["autorestart"] == "true"
+        assert section["stopsignal"] == "TERM"
+        assert float(section["stopwaitsecs"]) > ctx.params["drain_timeout"]
