@@ -27,6 +27,7 @@ import asyncio
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -98,9 +99,7 @@ class _Pump:
             self.in_pipe = n
         else:
             if self.buffer is None:
-                self.buffer = (
-                    _free_buffers.pop() if _free_buffers else memoryview(bytearray(COPY_CHUNK))
-                )
+                self.buffer = _free_buffers.pop() if _free_buffers else _make_buffer()
             try:
                 n = self.src.recv_into(self.buffer)
             except OSError:
@@ -227,6 +226,13 @@ class _Pump:
 
 _free_pipes: list[tuple[int, int]] = []
 _free_buffers: list[memoryview] = []
+
+
+def _make_buffer() -> memoryview:
+    # An anonymous mapping, not a bytearray: its pages are not zero-filled up front, and
+    # when the pool lets it go they return to the system at once (freed 1 MiB bytearrays
+    # stay in the allocator's heap, so memory would keep the high-water mark of a burst).
+    return memoryview(mmap.mmap(-1, COPY_CHUNK))
 
 
 def _make_pipe() -> tuple[int, int]:

@@ -24,7 +24,6 @@ from pf_proxy.endpoints import (
     IpAddress,
     IpEndpoint,
     VsockAddress,
-    emulation_dir_from_env,
     vsock_endpoint,
 )
 
@@ -62,12 +61,7 @@ def _run(
     idle_timeout: float,
     drain_timeout: float,
 ) -> None:
-    runtime.configure_logging()
-    emulation_dir = emulation_dir_from_env()
-    if emulation_dir is not None:
-        log.info(
-            "vsock emulation on: vsock CID:PORT is the Unix socket %s/CID_PORT.sock", emulation_dir
-        )
+    runtime.start_logging()
     settings = engine.Settings(
         forward=forward,
         backward=backward,
