@@ -353,6 +353,7 @@ def test_emfile_in_accept_and_relay_pauses_logs_once_and_recovers(
         [sys.executable, "-c", _DESCRIPTOR_HOG, "-v", "88:4000", "-i", f"127.0.0.1:{echo.port}"],
         tmp_path,
         vsock_env,
+        prefix=["prlimit", "--nofile=4096:4096"],  # a bounded number of descriptors to take
     )
     path = vsock_path(vsock_env, 88, 4000)
     try:
