@@ -15,7 +15,11 @@ from typing import Any
 
 
 class Proxy:
-    """A console script running as a process, its stdout and stderr in files."""
+    """A console script running as a process, its stdout and stderr in files.
+
+    `prefix` goes before the command (e.g. `ip netns exec NAME`); `timeout` is how long
+    `wait_for` and `stop` wait by default.
+    """
 
     def __init__(
         self,
@@ -23,14 +27,20 @@ class Proxy:
         log_dir: Path,
         env: dict[str, str] | None = None,
         prefix: Sequence[str] = (),
+        timeout: float = 10,
     ) -> None:
         self.args = list(args)
-        name = f"{args[0]}-{time.monotonic_ns()}"
-        self.stdout_path = log_dir / f"{name}.out"
-        self.stderr_path = log_dir / f"{name}.err"
+        self.timeout = timeout
+        stem = log_dir / f"{'-'.join(prefix[-1:])}-{Path(args[0]).name}-{time.monotonic_ns()}"
+        self.stdout_path = stem.with_suffix(".out")
+        self.stderr_path = stem.with_suffix(".err")
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(
-                [*prefix, *args], stdout=out, stderr=err, env={**os.environ, **(env or {})}
+                [*prefix, *args],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
             )
 
     @property
@@ -41,17 +51,19 @@ class Proxy:
     def stderr(self) -> str:
         return self.stderr_path.read_text()
 
-    def wait_for(self, text: str, *, stream: str = "stdout", timeout: float = 10) -> None:
+    def wait_for(self, text: str, *, stream: str = "stdout", timeout: float | None = None) -> None:
         """Wait until `text` appears in the process's output; fail with both outputs if not."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
             if text in (self.stdout if stream == "stdout" else self.stderr):
                 return
-            if self.process.poll() is not None:
+            if time.monotonic() > deadline or self.process.poll() is not None:
                 break
             time.sleep(0.02)
+        if text in (self.stdout if stream == "stdout" else self.stderr):
+            return  # written just before the process ended
         raise AssertionError(
-            f"{text!r} not seen from {self.args} (exit {self.process.poll()}):\n"
+            f"{text!r} not seen on {stream} of {self.args} (exit {self.process.poll()}):\n"
             f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
         )
 
@@ -59,14 +71,14 @@ class Proxy:
         self.wait_for("Listening on:")
         return self
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float | None = None) -> int:
         if self.process.poll() is None:
             os.kill(self.process.pid, sig)
         try:
-            return self.process.wait(timeout)
+            return self.process.wait(timeout or self.timeout)
         except subprocess.TimeoutExpired:
             os.kill(self.process.pid, signal.SIGKILL)
-            return self.process.wait(timeout)
+            return self.process.wait(timeout or self.timeout)
 
 
 @contextmanager
@@ -82,18 +94,15 @@ def running(
         proxy.stop()
 
 
-class EchoServer:
-    """A TCP echo server in a thread: echoes every byte, half-closes after the client does."""
+class ThreadedServer:
+    """Accepts on `listener` in a thread and runs `handle` on a thread per connection;
+    counts the connections it accepted."""
 
-    def __init__(self, host: str = "127.0.0.1", family: int = socket.AF_INET) -> None:
-        self.listener = socket.socket(family, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((host, 0))
-        self.listener.listen(1024)
-        self.port: int = self.listener.getsockname()[1]
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.port: int = listener.getsockname()[1]
         self.connections = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
         while True:
@@ -102,20 +111,51 @@ class EchoServer:
             except OSError:
                 return
             self.connections += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> None:
         with conn:
+            conn.settimeout(60)
             try:
-                while data := conn.recv(1 << 16):
-                    conn.sendall(data)
-                conn.shutdown(socket.SHUT_WR)
+                self.handle(conn)
             except OSError:
                 pass
 
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        except OSError:
+            pass
         self.listener.close()
+
+
+def echo(conn: socket.socket) -> None:
+    """Echo every byte; half-close after the client does."""
+    while data := conn.recv(1 << 16):
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+
+
+def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    return sock
+
+
+class EchoServer(ThreadedServer):
+    """A TCP echo server on loopback: echoes every byte, half-closes after the client does."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__(listening_socket(host))
+
+    def handle(self, conn: socket.socket) -> None:
+        echo(conn)
 
 
 def free_port() -> int:

@@ -13,17 +13,15 @@ import ctypes
 import hashlib
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tests.integration.helpers import Proxy, ThreadedServer, echo, listening_socket
 from tests.netns import Netns
 
 WAIT = 15.0  # seconds any single step may take before the test fails
@@ -103,54 +101,14 @@ def _script(name: str) -> str:
     return found
 
 
-class NsProxy:
-    """A console script running inside a namespace, its stdout and stderr in files."""
+class NsProxy(Proxy):
+    """A console script running inside a namespace (killed with it at the latest)."""
 
     def __init__(self, ns: Netns, args: Sequence[str], log_dir: Path, env: dict[str, str]):
+        command = [_script(args[0]), *args[1:]]
+        super().__init__(command, log_dir, env, prefix=ns.command([]), timeout=WAIT)
         self.args = list(args)
-        stem = log_dir / f"{ns.name}-{args[0]}-{time.monotonic_ns()}"
-        self.stdout_path = stem.with_suffix(".out")
-        self.stderr_path = stem.with_suffix(".err")
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.process = ns.popen(
-                [_script(args[0]), *args[1:]],
-                stdout=out,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **env},
-            )
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def wait_for(self, text: str, *, stream: str = "stdout", timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in (self.stdout if stream == "stdout" else self.stderr):
-                return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.02)
-        if text in (self.stdout if stream == "stdout" else self.stderr):
-            return
-        raise AssertionError(
-            f"{text!r} not seen on {stream} of {self.args} (exit {self.process.poll()}):\n"
-            f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
-        )
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            return self.process.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            return self.process.wait(WAIT)
+        ns.processes.append(self.process)
 
 
 @contextmanager
@@ -168,58 +126,22 @@ def proxy(ns: Netns, *args: str, log_dir: Path, env: dict[str, str]) -> Iterator
 # --- servers and clients --------------------------------------------------------------------
 
 
-class Server:
-    """A TCP server on a listening socket made in some namespace, one thread per connection.
-
-    Each connection gets `greeting` first, then every byte it sends echoed back; after the
-    client's EOF the server half-closes too.
-    """
+class Server(ThreadedServer):
+    """A TCP server on a listening socket made in some namespace: each connection gets
+    `greeting` first, then every byte it sends echoed back, then a half-close."""
 
     def __init__(self, listener: socket.socket, greeting: bytes = b"") -> None:
-        self.listener = listener
         self.greeting = greeting
-        self.port: int = listener.getsockname()[1]
-        self.connections = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(listener)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    def _echo(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(WAIT * 2)
-            try:
-                conn.sendall(self.greeting)
-                while data := conn.recv(1 << 16):
-                    conn.sendall(data)
-                conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
+    def handle(self, conn: socket.socket) -> None:
+        conn.sendall(self.greeting)
+        echo(conn)
 
 
 @contextmanager
 def server_in(ns: Netns, host: str, greeting: bytes = b"") -> Iterator[Server]:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    def listen() -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, 0))
-        sock.listen(64)
-        return sock
-
-    server = Server(in_netns(ns, listen), greeting)
+    server = Server(in_netns(ns, lambda: listening_socket(host)), greeting)
     try:
         yield server
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.helpers import ThreadedServer, listening_socket
 from tests.integration.namespaced import WAIT, NsProxy, in_netns, same_bytes, tcp_socket_in
 from tests.integration.tuna import (
     HOST_CID,
@@ -33,41 +34,18 @@ MiB = 1 << 20
 # --- servers and clients --------------------------------------------------------------------
 
 
-class Server:
-    """Per connection: read a request (its first 8 bytes: how many bytes to send back), then
-    send that many deterministic bytes and close. Counts connections."""
+class Server(ThreadedServer):
+    """Per connection: read a request (8 bytes: how many bytes to send back), then send that
+    many deterministic bytes and close."""
 
-    def __init__(self, listener: socket.socket) -> None:
-        self.listener = listener
-        self.connections = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
+    def handle(self, conn: socket.socket) -> None:
+        request = b""
+        while len(request) < 8:
+            chunk = conn.recv(8 - len(request))
+            if not chunk:
                 return
-            self.connections += 1
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _answer(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(WAIT * 4)
-            try:
-                request = b""
-                while len(request) < 8:
-                    chunk = conn.recv(8 - len(request))
-                    if not chunk:
-                        return
-                    request += chunk
-                conn.sendall(payload(int.from_bytes(request, "big")))
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.listener.close()
+            request += chunk
+        conn.sendall(payload(int.from_bytes(request, "big")))
 
 
 def payload(size: int) -> bytes:
@@ -77,14 +55,7 @@ def payload(size: int) -> bytes:
 
 @contextmanager
 def server(ns: Netns, address: str, port: int) -> Iterator[Server]:
-    def listen() -> socket.socket:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address, port))
-        sock.listen(64)
-        return sock
-
-    running = Server(in_netns(ns, listen))
+    running = Server(in_netns(ns, lambda: listening_socket(address, port)))
     try:
         yield running
     finally:
