@@ -31,9 +31,7 @@ class Netns:
         self, *args: str, check: bool = True, timeout: float = 30
     ) -> subprocess.CompletedProcess[str]:
         """Run a command inside the namespace; raise with its output if it fails."""
-        result = subprocess.run(
-            self.command(args), capture_output=True, text=True, timeout=timeout
-        )
+        result = subprocess.run(self.command(args), capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise RuntimeError(
                 f"in netns {self.name}: {' '.join(args)} exited {result.returncode}: "
@@ -80,9 +78,23 @@ def veth(a: Netns, a_name: str, b: Netns, b_name: str, mtu: int = 1500) -> None:
     """Link two namespaces with a veth pair, both ends up (no addresses)."""
     tmp = f"v{secrets.token_hex(4)}"
     subprocess.run(
-        ["ip", "link", "add", tmp, "netns", a.name, "type", "veth", "peer", "name", b_name,
-         "netns", b.name],
-        check=True, capture_output=True,
+        [
+            "ip",
+            "link",
+            "add",
+            tmp,
+            "netns",
+            a.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_name,
+            "netns",
+            b.name,
+        ],
+        check=True,
+        capture_output=True,
     )
     a.run("ip", "link", "set", tmp, "name", a_name)
     for ns, dev in ((a, a_name), (b, b_name)):

@@ -215,18 +215,26 @@ class VsockEndpoint:
 
     async def _connect_emulated(self) -> socket.socket:
         # A real listener on VMADDR_CID_ANY accepts connections for every CID; so does ours.
-        paths = [self.socket_path(), self.socket_path(VMADDR_CID_ANY)]
-        for index, path in enumerate(paths):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                await connect_socket(sock, str(path))
-                return sock
-            except OSError as exc:
-                sock.close()
-                last_try = index == len(paths) - 1
-                if last_try or exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return await _connect_unix(self.socket_path())
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                raise
+            first_error = exc
+        try:
+            return await _connect_unix(self.socket_path(VMADDR_CID_ANY))
+        except FileNotFoundError:
+            raise first_error from None  # no CID-any listener: the CID's own error says more
+
+
+async def _connect_unix(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await connect_socket(sock, str(path))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -37,9 +37,10 @@ log = logging.getLogger("pf_proxy")
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_BACKOFF = 0.1
 ACCEPTS_PER_WAKEUP = 64
-# Descriptors per connection: its two sockets and one pipe (a direction waiting for a slow
-# reader holds one); the relay copies through user space when no pipe can be had.
-FDS_PER_CONNECTION = 4
+# Descriptors per connection: its two sockets. A pipe is borrowed only while a direction
+# holds bytes, and when none can be had the relay copies through user space instead, so
+# pipes do not count: 5,000 idle connections fit in 20,000 descriptors with room to spare.
+FDS_PER_CONNECTION = 2
 # Descriptors kept for everything else: the event loop's own, the relay's pool of spare
 # pipes, name resolution.
 SPARE_FDS = 64

@@ -283,7 +283,7 @@ def test_connections_beyond_the_open_file_limit_wait_and_are_served(
         )
         assert found, proxy.stdout
         limit = int(found.group(1))
-        assert 8 <= limit < 64  # what fits in 128 descriptors, two sockets and a pipe each
+        assert 8 <= limit < 64  # what fits in 128 descriptors, two sockets each
 
         path = vsock_path(vsock_env, 88, 4000)
         clients = [unix_client(path) for _ in range(limit + 24)]
