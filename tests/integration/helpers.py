@@ -13,6 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+RAW_COMMANDS = [  # the four raw-proxy console scripts
+    "ip-to-vsock-raw-incoming",
+    "ip-to-vsock-raw-outgoing",
+    "vsock-to-ip-raw-incoming",
+    "vsock-to-ip-raw-outgoing",
+]
+
 
 class Proxy:
     """A console script running as a process, its stdout and stderr in files.

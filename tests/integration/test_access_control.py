@@ -65,13 +65,6 @@ def targets() -> Iterator[dict[str, Target]]:
         target.sock.close()
 
 
-@pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    server = EchoServer()
-    yield server
-    server.close()
-
-
 def transparent(vsock_dir: Path, log_dir: Path, *flags: str) -> Iterator[Proxy]:
     with running(
         "vsock-to-ip-transparent",

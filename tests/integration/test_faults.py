@@ -41,17 +41,6 @@ WAIT = 30.0  # the longest any single step may take before the test fails
 # --- fixtures and helpers -------------------------------------------------------------------
 
 
-@pytest.fixture(params=["splice", "copy"])
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    """Emulated vsock in a fresh directory, on each of the relay's two paths."""
-    vsock_dir = tmp_path / "vsock"
-    vsock_dir.mkdir()
-    values = {"PF_PROXY_VSOCK_DIR": str(vsock_dir)}
-    if request.param == "copy":
-        values["PF_PROXY_NO_SPLICE"] = "1"
-    return values
-
-
 @pytest.fixture
 def vsock_env(tmp_path: Path) -> dict[str, str]:
     """Emulated vsock in a fresh directory (default relay path)."""
@@ -62,13 +51,6 @@ def vsock_env(tmp_path: Path) -> dict[str, str]:
 
 def vsock_path(env: dict[str, str], cid: int, port: int) -> str:
     return str(Path(env["PF_PROXY_VSOCK_DIR"]) / f"{cid}_{port}.sock")
-
-
-@pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    server = EchoServer()
-    yield server
-    server.close()
 
 
 def unix_client(path: str) -> socket.socket:

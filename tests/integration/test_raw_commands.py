@@ -17,13 +17,6 @@ from tests.netns import Netns, netns
 
 SO_SNDBUFFORCE = 32  # asm-generic/socket.h: SO_SNDBUF beyond wmem_max (root)
 
-RAW_COMMANDS = [
-    "ip-to-vsock-raw-incoming",
-    "ip-to-vsock-raw-outgoing",
-    "vsock-to-ip-raw-incoming",
-    "vsock-to-ip-raw-outgoing",
-]
-
 
 @pytest.mark.parametrize(
     ("args", "flag"),
@@ -45,18 +38,6 @@ def test_usage_errors_exit_2_naming_the_flag(args: list[str], flag: str) -> None
     result = run_briefly(*args)
     assert result.returncode == 2, result
     assert flag in result.stderr
-
-
-@pytest.mark.parametrize("command", RAW_COMMANDS)
-def test_help_and_version(command: str) -> None:
-    for flag in ("-h", "--help"):
-        result = run_briefly(command, flag)
-        assert result.returncode == 0
-        assert "-v, --vsock-addr CID:PORT" in result.stdout
-    for flag in ("-V", "--version"):
-        result = run_briefly(command, flag)
-        assert result.returncode == 0
-        assert result.stdout.startswith(f"{command}, version ")
 
 
 def test_missing_or_bad_ip_file_exits_1_naming_it(tmp_path: Path) -> None:

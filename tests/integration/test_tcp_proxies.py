@@ -12,27 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import EchoServer, Proxy, exchange, free_port, running
+from tests.integration.helpers import RAW_COMMANDS, EchoServer, Proxy, exchange, free_port, running
 
 MiB = 1 << 20
-
-
-@pytest.fixture(params=["splice", "copy"])
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    """Emulated vsock in a fresh directory, on each of the relay's two paths."""
-    vsock_dir = tmp_path / "vsock"
-    vsock_dir.mkdir()
-    values = {"PF_PROXY_VSOCK_DIR": str(vsock_dir)}
-    if request.param == "copy":
-        values["PF_PROXY_NO_SPLICE"] = "1"
-    return values
-
-
-@pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    server = EchoServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture
@@ -257,9 +239,11 @@ def test_usage_errors_exit_2_naming_the_flag(args: list[str], flag: str) -> None
         "vsock-to-ip-transparent",
         "ip-to-vsock-transparent",
         "transparent-port-to-vsock",
+        *RAW_COMMANDS,
     ],
 )
 def test_help_and_version(command: str) -> None:
+    """Every one of the nine commands (the raw ones too)."""
     for flag in ("-h", "--help"):
         result = run_briefly(command, flag)
         assert result.returncode == 0
