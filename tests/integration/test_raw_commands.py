@@ -3,9 +3,13 @@ the vsock peer stops reading. (The whole deployment is in test_raw_e2e.py.)"""
 
 from __future__ import annotations
 
+import os
+import random
+import re
 import socket
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -126,3 +130,104 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+# --- hostile peers on the raw proxies' vsock listeners ---------------------------------------
+
+FLOOD = 2000  # connections opened at once, then dropped at once
+
+
+def ipv4_packet(source: str, destination: str, protocol: int, payload: bytes) -> bytes:
+    """An IPv4 packet (header checksum left to the kernel, as a raw socket allows)."""
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, 0x4000, 64, protocol,
+                         0, socket.inet_aton(source), socket.inet_aton(destination))  # fmt: skip
+    return header + payload
+
+
+def forwarded(proxy: NsProxy) -> int:
+    counts = re.findall(r": forwarded (\d+) packets", proxy.stdout)
+    return int(counts[-1]) if counts else 0
+
+
+def send_stream(path: Path, data: bytes) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        sock.sendall(data)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("command", ["vsock-to-ip-raw-incoming", "vsock-to-ip-raw-outgoing"])
+def test_hostile_peers_on_a_raw_listener(bare: Netns, tmp_path: Path, command: str) -> None:
+    """Random bytes, half-written packets, a silent connection and FLOOD connections opened and
+    dropped at once: the proxy stays up, releases its descriptors, keeps its memory, and an
+    ordinary packet afterwards is forwarded."""
+    vsock_dir = tmp_path / "vs"
+    vsock_dir.mkdir()
+    if command == "vsock-to-ip-raw-incoming":
+        (tmp_path / "ip.txt").write_text("127.0.0.1\n")
+        args = ["-v", "88:1200", "-d", "lo", "--ip-file", str(tmp_path / "ip.txt")]
+        good = ipv4_packet("127.0.0.1", "127.0.0.1", socket.IPPROTO_UDP,
+                           struct.pack("!HHHH", 40000, 9999, 12, 0) + b"ping")  # fmt: skip
+        path = vsock_dir / "88_1200.sock"
+    else:
+        bare.run("ip", "link", "add", "eth7", "type", "veth", "peer", "name", "ens8")
+        bare.run("ip", "addr", "add", "11.22.33.1/24", "dev", "eth7")
+        bare.run("ip", "link", "set", "eth7", "up")
+        bare.run("ip", "link", "set", "ens8", "up")
+        args = ["-v", "3:1200"]
+        syn = struct.pack("!HHIIBBHHH", 40000, 8080, 1, 0, 0x50, 0x02, 65535, 0, 0)
+        good = ipv4_packet("11.22.33.1", "11.22.33.2", socket.IPPROTO_TCP, syn)
+        path = vsock_dir / "3_1200.sock"
+    proxy = NsProxy(bare, [command, *args, "--stats-interval", "0.2"], tmp_path,
+                    {"PF_PROXY_VSOCK_DIR": str(vsock_dir)})  # fmt: skip
+    try:
+        proxy.wait_for("Listening on:")
+        pid = proxy.process.pid
+        send_stream(path, good)
+        wait_until(lambda: forwarded(proxy) == 1, "the warm-up packet")
+        rss_before, fds_before = rss_kib(pid), len(os.listdir(f"/proc/{pid}/fd"))
+
+        rng = random.Random(f"hostile {command}")
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect(str(path))  # opens and never sends
+        for _ in range(30):
+            send_stream(path, rng.randbytes(rng.choice([1, 3, 20, 100, 4096])))
+        # (each connection replaces the one before: wait for the proxy to read these two)
+        send_stream(path, good[:10])  # a packet cut short
+        proxy.wait_for("closed inside a packet (10 bytes of it dropped)", stream="stderr")
+        send_stream(path, bytes([0x45, 0, 0, 4]) + bytes(16))  # total length 4
+        proxy.wait_for("IPv4 total length 4 is under 20", stream="stderr")
+        silent.close()
+
+        flood = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(FLOOD)]
+        try:
+            for index, sock in enumerate(flood):
+                sock.connect(str(path))  # blocking: waits while the backlog is full
+                if index % 2:
+                    try:
+                        sock.send(rng.randbytes(50))
+                    except OSError:
+                        pass  # already replaced and closed by the proxy
+        finally:
+            for sock in flood:
+                sock.close()
+
+        wait_until(
+            lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds_before + 2,
+            "the proxy to release the flood's descriptors",
+        )
+        growth = rss_kib(pid) - rss_before
+        assert growth < 20 * 1024, f"RSS grew by {growth} KiB"
+        send_stream(path, good)
+        wait_until(lambda: forwarded(proxy) == 2, "an ordinary packet after the hostile peers")
+        assert proxy.process.poll() is None
+        assert "Traceback" not in proxy.stderr
+    finally:
+        assert proxy.stop() == 0
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
