@@ -22,6 +22,7 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 VSOCK_DIR_ENV = "PF_PROXY_VSOCK_DIR"
 VMADDR_CID_ANY = 0xFFFFFFFF  # linux/vm_sockets.h: listen on every local CID
@@ -259,6 +260,19 @@ class IpEndpoint:
 
     def __init__(self, address: IpAddress) -> None:
         self.address = address
+        # An IP literal resolves without any lookup: do it once, not on every connect (the
+        # loop's getaddrinfo goes through a thread pool, a round trip per connection).
+        self._literal_infos: list[Any] | None = None
+        if address.is_literal:
+            try:
+                self._literal_infos = socket.getaddrinfo(
+                    address.host,
+                    address.port,
+                    type=socket.SOCK_STREAM,
+                    flags=socket.AI_NUMERICHOST,
+                )
+            except OSError:
+                pass  # e.g. an unknown scope id: connect() looks it up and reports it
 
     def __str__(self) -> str:
         return str(self.address)
@@ -282,9 +296,8 @@ class IpEndpoint:
     async def connect(self) -> socket.socket:
         loop = asyncio.get_running_loop()
         try:
-            flags = socket.AI_NUMERICHOST if self.address.is_literal else 0
-            infos = await loop.getaddrinfo(
-                self.address.host, self.address.port, type=socket.SOCK_STREAM, flags=flags
+            infos = self._literal_infos or await loop.getaddrinfo(
+                self.address.host, self.address.port, type=socket.SOCK_STREAM
             )
             last: OSError = OSError(errno.EHOSTUNREACH, "no addresses")
             for family, kind, proto, _, sockaddr in infos:
