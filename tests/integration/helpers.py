@@ -8,7 +8,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -172,25 +172,62 @@ def free_port() -> int:
         return port
 
 
-def exchange(
-    address: Any, payload: bytes, *, family: int = socket.AF_INET, timeout: float = 30
-) -> bytes:
-    """Send all of `payload`, shut down writing, and return everything received until EOF.
-
-    Sending and receiving run at once (a thread sends), so large payloads cannot deadlock.
-    """
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
+def exchange_on(sock: socket.socket, address: Any, payload: bytes) -> bytes:
+    """Connect `sock`, send all of `payload`, shut down writing; return everything received
+    until EOF. A thread sends while this one reads, so large payloads cannot deadlock; a
+    failed send fails the exchange."""
+    with sock:
         sock.connect(address)
+        errors: list[BaseException] = []
 
         def send() -> None:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
+            try:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+            except BaseException as exc:
+                errors.append(exc)
 
         sender = threading.Thread(target=send)
         sender.start()
         chunks = []
         while chunk := sock.recv(1 << 20):
             chunks.append(chunk)
-        sender.join(timeout)
+        sender.join(sock.gettimeout())
+        assert not errors, errors
         return b"".join(chunks)
+
+
+def exchange(
+    address: Any, payload: bytes, *, family: int = socket.AF_INET, timeout: float = 30
+) -> bytes:
+    """`exchange_on` with a new socket of `family`."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    return exchange_on(sock, address, payload)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, from /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def run_briefly(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=20, env={**os.environ, **(env or {})}
+    )

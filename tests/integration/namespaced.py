@@ -21,7 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.integration.helpers import Proxy, ThreadedServer, echo, listening_socket
+from tests.integration.helpers import (
+    Proxy,
+    ThreadedServer,
+    echo,
+    listening_socket,
+)
 from tests.netns import Netns
 
 WAIT = 15.0  # seconds any single step may take before the test fails
@@ -152,32 +157,6 @@ def tcp_socket_in(ns: Netns, family: int = socket.AF_INET) -> socket.socket:
     sock = in_netns(ns, lambda: socket.socket(family, socket.SOCK_STREAM))
     sock.settimeout(WAIT * 2)
     return sock
-
-
-def exchange(sock: socket.socket, address: Any, payload: bytes) -> bytes:
-    """Connect, send all of `payload`, shut down writing; return everything read until EOF.
-
-    A thread sends while this one reads, so large payloads cannot deadlock.
-    """
-    with sock:
-        sock.connect(address)
-        errors: list[BaseException] = []
-
-        def send() -> None:
-            try:
-                sock.sendall(payload)
-                sock.shutdown(socket.SHUT_WR)
-            except BaseException as exc:
-                errors.append(exc)
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        chunks = []
-        while chunk := sock.recv(1 << 20):
-            chunks.append(chunk)
-        sender.join(WAIT)
-        assert not errors, errors
-        return b"".join(chunks)
 
 
 def closed_without_data(sock: socket.socket, send: bytes = b"", connect_to: Any = None) -> bool:

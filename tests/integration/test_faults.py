@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import EchoServer, Proxy, exchange, free_port, running
+from tests.integration.helpers import EchoServer, Proxy, exchange, free_port, running, wait_until
 from tests.netns import netns
 
 pytestmark = pytest.mark.timeout(180)
@@ -110,16 +110,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_until(condition: object, what: str, timeout: float = WAIT) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @contextmanager
 def echo_process(*args: str, log_dir: Path) -> Iterator[subprocess.Popen[str]]:
     """tests.integration.echo_process as a process of its own, killed (by pid) at the end."""
@@ -159,7 +149,11 @@ def test_reset_by_the_vsock_upstream_reaches_the_tcp_client_as_a_reset(
             with client:
                 upstream, _ = listener.accept()
                 client.sendall(b"request the upstream never reads")
-                wait_until(lambda: queued_bytes(upstream) == 32, "the request at the upstream")
+                wait_until(
+                    lambda: queued_bytes(upstream) == 32,
+                    "the request at the upstream",
+                    timeout=WAIT,
+                )
                 upstream.sendall(b"partial response")
                 upstream.close()  # with the request unread: the proxy's next read fails
                 received, ending = read_until_end(client)
@@ -676,7 +670,7 @@ def test_upstream_restarted_mid_transfer(
     with running(*command, log_dir=tmp_path, env=vsock_env) as proxy:
         with echo_process(*upstream_args, log_dir=tmp_path) as upstream:
             streamer = Streamer(connect())
-            wait_until(lambda: streamer.received > 4 * MiB, "4 MiB echoed")
+            wait_until(lambda: streamer.received > 4 * MiB, "4 MiB echoed", timeout=WAIT)
             upstream.kill()
             upstream.wait(WAIT)
         streamer.join()

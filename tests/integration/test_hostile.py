@@ -41,7 +41,7 @@ from typing import Any, Protocol, cast
 
 import pytest
 
-from tests.integration.helpers import free_port, running
+from tests.integration.helpers import free_port, open_fds, rss_kib, running, wait_until
 from tests.integration.namespaced import (
     TRANSPARENT_PORT,
     WAIT,
@@ -279,17 +279,6 @@ def target(name: str, vsock_dir: Path, log_dir: Path, *, splice: bool = True) ->
 # --- the hostile session --------------------------------------------------------------------
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def proxy_pid(target: Target) -> int:
     """The proxy's own pid (`ip netns exec` execs the command: the same process)."""
     pid: int = target.proxy.process.pid
@@ -376,14 +365,6 @@ def flood(target: Target, rng: random.Random) -> None:
             sock.close()
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 LISTENERS = [
     pytest.param("vsock-to-ip", "splice"),
     pytest.param("vsock-to-ip", "copy"),
@@ -436,7 +417,9 @@ def test_hostile_peers(name: str, path: str, vsock_dir: Path, tmp_path: Path) ->
                     assert read_to_end(sock) == listener.reply(sent)
 
         wait_until(
-            lambda: open_fds(pid) <= fds_before + FD_SLACK, f"descriptors back to {fds_before}"
+            lambda: open_fds(pid) <= fds_before + FD_SLACK,
+            f"descriptors back to {fds_before}",
+            timeout=60,
         )
         rss_after = rss_kib(pid)
         assert rss_after - rss_before < RSS_SLACK_KIB, (

@@ -3,20 +3,19 @@ the vsock peer stops reading. (The whole deployment is in test_raw_e2e.py.)"""
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.integration.helpers import open_fds, rss_kib, run_briefly, wait_until
 from tests.integration.namespaced import WAIT, NsProxy, in_netns
 from tests.integration.test_nfq import queue_state
-from tests.integration.test_tcp_proxies import run_briefly
 from tests.netns import Netns, netns
 
 SO_SNDBUFFORCE = 32  # asm-generic/socket.h: SO_SNDBUF beyond wmem_max (root)
@@ -125,13 +124,6 @@ def overflowed(state: dict[str, int]) -> bool:
     return state["queue_dropped"] + state["user_dropped"] > 0
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 # --- hostile peers on the raw proxies' vsock listeners ---------------------------------------
 
 FLOOD = 2000  # connections opened at once, then dropped at once
@@ -184,8 +176,8 @@ def test_hostile_peers_on_a_raw_listener(bare: Netns, tmp_path: Path, command: s
         proxy.wait_for("Listening on:")
         pid = proxy.process.pid
         send_stream(path, good)
-        wait_until(lambda: forwarded(proxy) == 1, "the warm-up packet")
-        rss_before, fds_before = rss_kib(pid), len(os.listdir(f"/proc/{pid}/fd"))
+        wait_until(lambda: forwarded(proxy) == 1, "the warm-up packet", timeout=WAIT)
+        rss_before, fds_before = rss_kib(pid), open_fds(pid)
 
         rng = random.Random(f"hostile {command}")
         silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -213,21 +205,18 @@ def test_hostile_peers_on_a_raw_listener(bare: Netns, tmp_path: Path, command: s
                 sock.close()
 
         wait_until(
-            lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds_before + 2,
+            lambda: open_fds(pid) <= fds_before + 2,
             "the proxy to release the flood's descriptors",
         )
         growth = rss_kib(pid) - rss_before
         assert growth < 20 * 1024, f"RSS grew by {growth} KiB"
         send_stream(path, good)
-        wait_until(lambda: forwarded(proxy) == 2, "an ordinary packet after the hostile peers")
+        wait_until(
+            lambda: forwarded(proxy) == 2,
+            "an ordinary packet after the hostile peers",
+            timeout=WAIT,
+        )
         assert proxy.process.poll() is None
         assert "Traceback" not in proxy.stderr
     finally:
         assert proxy.stop() == 0
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)

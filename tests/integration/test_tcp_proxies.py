@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import RAW_COMMANDS, EchoServer, Proxy, exchange, free_port, running
+from tests.integration.helpers import (
+    RAW_COMMANDS,
+    EchoServer,
+    Proxy,
+    exchange,
+    free_port,
+    run_briefly,
+    running,
+)
 
 MiB = 1 << 20
 
@@ -150,12 +158,6 @@ def test_emulation_announced_and_cid_any_listener(
 
 
 # --- start-up failures ----------------------------------------------------------------------
-
-
-def run_briefly(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        args, capture_output=True, text=True, timeout=20, env={**os.environ, **(env or {})}
-    )
 
 
 def test_bind_failure_on_ip_address_in_use(env: dict[str, str]) -> None:

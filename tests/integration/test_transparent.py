@@ -26,13 +26,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.helpers import exchange_on
 from tests.integration.namespaced import (
     TRANSPARENT_PORT,
     WAIT,
     Server,
     closed_without_data,
     enclave_namespace,
-    exchange,
     proxy,
     redirect,
     same_bytes,
@@ -144,7 +144,9 @@ def through_the_pair(
         ) as outer,
     ):
         payload = os.urandom(4 * MiB)
-        received = exchange(tcp_socket_in(enclave, family), (server_address, server.port), payload)
+        received = exchange_on(
+            tcp_socket_in(enclave, family), (server_address, server.port), payload
+        )
         same_bytes(received, payload)
         assert server.connections == 1
 
@@ -242,7 +244,7 @@ def test_destination_header_bytes_on_the_wire(
             env=plain_env,
         ):
             payload = b"GET / HTTP/1.0\r\n\r\n" + os.urandom(100_000)
-            received = exchange(tcp_socket_in(enclave, family), (destination, 80), payload)
+            received = exchange_on(tcp_socket_in(enclave, family), (destination, 80), payload)
             wire = catcher.result()
     finally:
         catcher.close()
@@ -308,7 +310,7 @@ def test_transparent_port_to_vsock_routes_by_original_port(
         for round_ in range(2):
             for port in (8080, 80):
                 payload = f"to port {port}, round {round_}: ".encode() + os.urandom(256 * 1024)
-                received = exchange(tcp_socket_in(enclave, family), (target, port), payload)
+                received = exchange_on(tcp_socket_in(enclave, family), (target, port), payload)
                 greeting = f"<{port}>".encode()
                 assert received[: len(greeting)] == greeting
                 same_bytes(received[len(greeting) :], payload)
@@ -327,7 +329,7 @@ def test_transparent_port_to_vsock_routes_by_original_port(
         with tcp_socket_in(enclave, family) as sock:
             assert closed_without_data(sock, b"anyone there?", connect_to=(target, 9090))
         outer.wait_for("failed to connect to vsock endpoint 88:9090", stream="stderr")
-        received = exchange(tcp_socket_in(enclave, family), (target, 80), b"still there")
+        received = exchange_on(tcp_socket_in(enclave, family), (target, 80), b"still there")
         assert received == b"<80>still there"
 
 
@@ -383,7 +385,7 @@ def test_connection_without_nat_is_closed_and_logged(
             redirect(enclave, server_address)
             payload = os.urandom(MiB)
             address = (server_address, server.port)
-            received = exchange(tcp_socket_in(enclave, family), address, payload)
+            received = exchange_on(tcp_socket_in(enclave, family), address, payload)
             same_bytes(received, payload)
             assert server.connections == 1
 
