@@ -175,13 +175,19 @@ class QueueToVsock(_Forwarder):
         assert link is not None
         while self._first < len(pending):
             self.idle.clear()
+            batch = pending[self._first : self._first + IOV_MAX]
             try:
-                sent = link.sendmsg(pending[self._first : self._first + IOV_MAX])
+                sent = link.sendmsg(batch)
             except BlockingIOError:
                 return False
             except OSError as exc:
                 self._link_failed(exc)
                 return None
+            if sent == sum(map(len, batch)):  # the usual case: count the batch at once
+                self.stats.packets += len(batch)
+                self.stats.bytes += sent
+                self._first += len(batch)
+                continue
             while sent:
                 size = len(pending[self._first])
                 if sent < size:

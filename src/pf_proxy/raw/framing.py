@@ -27,7 +27,6 @@ at about 500,000 packets a second on one core of the development machine.)
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 
 __all__ = ["IPV4_MIN_HEADER_LENGTH", "MAX_PACKET_LENGTH", "FramingError", "Ipv4StreamFramer"]
@@ -39,7 +38,6 @@ MAX_PACKET_LENGTH = 0xFFFF
 """The largest IPv4 total length: the field is 16 bits."""
 
 _PREFIX_LENGTH = 4  # version/IHL, DSCP/ECN, total length: enough to know a packet's size
-_TOTAL_LENGTH = struct.Struct("!H")
 
 
 class FramingError(ValueError):
@@ -105,15 +103,18 @@ class Ipv4StreamFramer:
         not yet yielded come out of the next call. Raises :class:`FramingError` on reaching a
         header that cannot be IPv4; the packets before it have been yielded.
         """
-        buffer = self._buffer
+        buffer, view = self._buffer, self._view
         while self._end - self._start >= _PREFIX_LENGTH:
             start = self._start
-            (total_length,) = _TOTAL_LENGTH.unpack_from(buffer, start + 2)
-            _check_prefix(buffer[start], total_length)
+            first_byte = buffer[start]
+            total_length = buffer[start + 2] << 8 | buffer[start + 3]
+            # Version 4 with a header of 5-15 words that fits in the packet (so length >= 20):
+            if not (0x45 <= first_byte <= 0x4F and (first_byte & 0x0F) * 4 <= total_length):
+                _check_prefix(first_byte, total_length)  # raises, saying what is wrong
             if self._end - start < total_length:
                 return
             self._start = start + total_length
-            yield self._view[start : start + total_length]
+            yield view[start : start + total_length]
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add ``data`` to the stream and return the packets it completed, as ``bytes``.

@@ -85,8 +85,9 @@ def _reserved_by_first_octet() -> tuple[tuple[tuple[int, int], ...] | None, ...]
 
 
 _RESERVED_BY_FIRST_OCTET = _reserved_by_first_octet()
-_ADDRESS = struct.Struct("!I")
-_PORT = struct.Struct("!H")
+# The fixed IPv4 header fields the outgoing check reads, in one unpack (it runs per packet):
+# version/IHL, flags/fragment offset, protocol, source (bytes), destination (a number).
+_OUTGOING_FIELDS = struct.Struct("!B5xHxB2x4sI")
 
 _IPV4_HEADER = 20  # bytes in an IPv4 header without options
 _TCP_HEADER = 20  # bytes in a TCP header without options
@@ -164,20 +165,25 @@ class OutgoingPolicy:
 
     def check(self, packet: bytes | bytearray | memoryview) -> Drop | None:
         """None to send ``packet`` on, or why to drop it."""
-        header_length = _header_length(packet)
-        if header_length is None:
+        size = len(packet)
+        if size < _IPV4_HEADER:
             return Drop.TRUNCATED
-        if packet[_SOURCE_OFFSET : _SOURCE_OFFSET + 4] != self._source:
+        first, fragment, protocol, source, destination = _OUTGOING_FIELDS.unpack_from(packet)
+        header_length = (first & 0x0F) * 4
+        if header_length < _IPV4_HEADER or header_length > size:
+            return Drop.TRUNCATED
+        if source != self._source:
             return Drop.WRONG_SOURCE
-        if is_reserved(_ADDRESS.unpack_from(packet, _DESTINATION_OFFSET)[0]):
+        reserved_inside = _RESERVED_BY_FIRST_OCTET[destination >> 24]
+        if reserved_inside is None or (reserved_inside and is_reserved(destination)):
             return Drop.RESERVED_DESTINATION
-        if packet[9] != _PROTOCOL_TCP:
+        if protocol != _PROTOCOL_TCP:
             return Drop.NOT_TCP
-        if _PORT.unpack_from(packet, 6)[0] & _FRAGMENT_OFFSET_MASK:
+        if fragment & _FRAGMENT_OFFSET_MASK:
             return Drop.FRAGMENT
-        if len(packet) < header_length + _TCP_HEADER:
+        if size < header_length + _TCP_HEADER:
             return Drop.TRUNCATED
-        if not is_allowed_source_port(_PORT.unpack_from(packet, header_length)[0]):
+        if not is_allowed_source_port(packet[header_length] << 8 | packet[header_length + 1]):
             return Drop.FORBIDDEN_SOURCE_PORT
         return None
 
