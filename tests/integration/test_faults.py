@@ -224,9 +224,15 @@ def test_clean_eof_stays_a_half_close(env: dict[str, str], tmp_path: Path) -> No
                     upstream.settimeout(WAIT)
                     client.sendall(b"request")
                     assert recv_exactly(upstream, 7) == b"request"
-                    upstream.sendall(response)
-                    upstream.shutdown(socket.SHUT_WR)
+
+                    def respond() -> None:  # while the client reads: 4 MiB need not fit in buffers
+                        upstream.sendall(response)
+                        upstream.shutdown(socket.SHUT_WR)
+
+                    responder = threading.Thread(target=respond)
+                    responder.start()
                     received, ending = read_until_end(client)
+                    responder.join(WAIT)
                     assert ending == "eof"
                     assert hashlib.sha256(received).digest() == hashlib.sha256(response).digest()
                     client.sendall(b"after the upstream's EOF")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import tracemalloc
 
+import pytest
+
+from pf_proxy import relay as relay_module
 from pf_proxy.relay import COPY_CHUNK, Relay
 
 MiB = 1 << 20
@@ -43,3 +47,89 @@ def test_failed_writes_do_not_each_hold_a_chunk_buffer() -> None:
     outcomes, peak = asyncio.run(relay_to_departed_clients(count))
     assert all(isinstance(outcome, BrokenPipeError) for outcome in outcomes), outcomes
     assert peak < 4 * COPY_CHUNK, f"{peak / MiB:.1f} MiB allocated for {count} failed relays"
+
+
+def refuse_splice(monkeypatch: pytest.MonkeyPatch, source: socket.socket, after: int) -> None:
+    """Make splice(2) out of `source` fail with EINVAL after `after` reads, as it does for a
+    socket type without splice support."""
+    reads = 0
+    real_splice = relay_module._splice
+
+    def splice(
+        src: int, dst: int, count: int, src_offset: None, dst_offset: None, flags: int
+    ) -> int:
+        nonlocal reads
+        if src == source.fileno():
+            reads += 1
+            if reads > after:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_splice(src, dst, count, src_offset, dst_offset, flags)
+
+    monkeypatch.setattr(relay_module, "_splice", splice)
+
+
+async def splice_relay(
+    monkeypatch: pytest.MonkeyPatch, refuse_after: int, messages: list[bytes]
+) -> tuple[list[bytes], Relay]:
+    """Relay `messages` client -> server, then b"response" back, with splice refused for the
+    client's side after `refuse_after` reads; what the server received, and the relay."""
+    inbound, client = socket.socketpair()
+    upstream, server = socket.socketpair()
+    refuse_splice(monkeypatch, inbound, refuse_after)
+    relay = Relay(inbound, upstream, "forward done", "backward done", use_splice=True)
+    running = asyncio.ensure_future(relay.run())
+    loop = asyncio.get_running_loop()
+    received = []
+    try:
+        for sock in (client, server):
+            sock.setblocking(False)
+        for message in messages:
+            await loop.sock_sendall(client, message)
+            received.append(await asyncio.wait_for(loop.sock_recv(server, 100), 5))
+        await loop.sock_sendall(server, b"response")
+        assert await asyncio.wait_for(loop.sock_recv(client, 100), 5) == b"response"
+        client.shutdown(socket.SHUT_WR)
+        server.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(running, 5)
+    finally:
+        running.cancel()
+        client.close()
+        server.close()
+    return received, relay
+
+
+def test_a_socket_that_refuses_splice_is_copied_instead(monkeypatch: pytest.MonkeyPatch) -> None:
+    received, relay = asyncio.run(splice_relay(monkeypatch, 0, [b"request", b"more"]))
+    assert received == [b"request", b"more"]
+    assert [type(pump).__name__ for pump in relay.pumps] == ["_CopyPump", "_SplicePump"]
+    assert (relay.bytes_forward, relay.bytes_backward) == (11, 8)
+
+
+async def splice_refused_after_first_read(monkeypatch: pytest.MonkeyPatch) -> OSError:
+    inbound, client = socket.socketpair()
+    upstream, server = socket.socketpair()
+    refuse_splice(monkeypatch, inbound, 1)
+    relay = Relay(inbound, upstream, "forward done", "backward done", use_splice=True)
+    running = asyncio.ensure_future(relay.run())
+    loop = asyncio.get_running_loop()
+    try:
+        for sock in (client, server):
+            sock.setblocking(False)
+        await loop.sock_sendall(client, b"request")
+        assert await asyncio.wait_for(loop.sock_recv(server, 100), 5) == b"request"
+        await loop.sock_sendall(client, b"more")
+        with pytest.raises(OSError) as failure:
+            await asyncio.wait_for(running, 5)
+        # Closed without "more" (a Unix socket has no reset to send; TCP peers get one).
+        assert await asyncio.wait_for(loop.sock_recv(server, 100), 5) == b""
+        return failure.value
+    finally:
+        running.cancel()
+        client.close()
+        server.close()
+
+
+def test_splice_refused_mid_stream_fails_the_relay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After bytes moved, EINVAL is a real error: the relay must not carry on as if whole."""
+    failure = asyncio.run(splice_refused_after_first_read(monkeypatch))
+    assert failure.errno == errno.EINVAL
