@@ -96,6 +96,13 @@ class _Pump:
     def _drop_carrier(self) -> None:
         raise NotImplementedError
 
+    def _blocked(self, holding: bool) -> None:
+        """src had nothing (let the empty carrier go), or dst took none of the chunk (wait)."""
+        if holding:
+            self._wait_for_dst()
+        else:
+            self._drop_carrier()
+
     def _wait_for_dst(self) -> None:
         """dst is full: stop reading src until dst has taken the chunk in hand."""
         self.loop.remove_reader(self.src_fd)
@@ -173,11 +180,8 @@ class _SplicePump(_Pump):
             error = self.src.getsockopt(SOL_SOCKET, SO_ERROR)  # see _PENDING_ERROR
             if error:
                 raise OSError(error, os.strerror(error))
-        except BlockingIOError:  # src had nothing, or dst took none of the chunk
-            if self.in_pipe:
-                self._wait_for_dst()
-            else:
-                self._drop_carrier()
+        except BlockingIOError:
+            self._blocked(holding=self.in_pipe > 0)
         except OSError as exc:
             if (_cannot_splice(exc) and not self.bytes) or _out_of_descriptors(exc):
                 self._switch_to_copy()
@@ -252,11 +256,8 @@ class _CopyPump(_Pump):
             error = self.src.getsockopt(SOL_SOCKET, SO_ERROR)  # see _PENDING_ERROR
             if error:
                 raise OSError(error, os.strerror(error))
-        except BlockingIOError:  # src had nothing, or dst took none of the chunk
-            if self.filled:
-                self._wait_for_dst()
-            else:
-                self._drop_carrier()
+        except BlockingIOError:
+            self._blocked(holding=self.filled > 0)
         except OSError as exc:
             self._fail(exc)
 
