@@ -34,6 +34,22 @@ _HOST_NAME = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
 )
+# A top-level domain is never all-numeric (RFC 3696 section 2), so a "host name" whose last
+# label is all digits is a malformed IPv4 address: 300.1.1.1, 1.2.3.4.5, and legacy inet_aton
+# forms such as 127.1 or 2130706433, which a resolver would read as 127.0.0.1.
+_NUMERIC_LAST_LABEL = re.compile(r"(?:.*\.)?[0-9]+\.?")
+
+
+def _is_ipv4_lookalike(host: str) -> bool:
+    """Whether a host-name-shaped `host` is really an IPv4 address in a form we do not take:
+    a last label of digits, or anything else inet_aton reads as one (0x7f.1, 1.0x7f)."""
+    if _NUMERIC_LAST_LABEL.fullmatch(host):
+        return True
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return True
 
 
 class AddressError(ValueError):
@@ -120,6 +136,8 @@ def parse_ip_address(text: str, *, allow_host_name: bool = False) -> IpAddress:
                 raise AddressError(f"invalid IPv4 address {host!r}") from None
             if not _HOST_NAME.fullmatch(host):
                 raise AddressError(f"invalid host name {host!r}") from None
+            if _is_ipv4_lookalike(host):
+                raise AddressError(f"invalid IPv4 address {host!r}") from None
     if not _DIGITS.fullmatch(port_text) or int(port_text) > 0xFFFF:
         raise AddressError(f"invalid port {port_text!r}, expected 0-65535")
     return IpAddress(host, int(port_text))

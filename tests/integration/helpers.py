@@ -10,8 +10,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
+
+import click
 
 RAW_COMMANDS = [  # the four raw-proxy console scripts
     "ip-to-vsock-raw-incoming",
@@ -19,6 +22,17 @@ RAW_COMMANDS = [  # the four raw-proxy console scripts
     "vsock-to-ip-raw-incoming",
     "vsock-to-ip-raw-outgoing",
 ]
+
+
+def console_scripts() -> dict[str, click.Command]:
+    """The project's console scripts (all nine, and any added later), loaded."""
+    found = {}
+    for entry in entry_points(group="console_scripts"):
+        if entry.value.startswith("pf_proxy."):
+            command = entry.load()
+            assert isinstance(command, click.Command), entry
+            found[entry.name] = command
+    return found
 
 
 class Proxy:
@@ -231,3 +245,31 @@ def run_briefly(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
     return subprocess.run(
         args, capture_output=True, text=True, timeout=20, env={**os.environ, **(env or {})}
     )
+
+
+def run_all_briefly(
+    commands: Sequence[Sequence[str]], env: dict[str, str] | None = None, timeout: float = 20
+) -> list[subprocess.CompletedProcess[str]]:
+    """`run_briefly` for several command lines at once (they run concurrently); a command
+    still running after `timeout` seconds is killed (return code -9, SIGKILL)."""
+    processes = [
+        subprocess.Popen(
+            list(args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        for args in commands
+    ]
+    deadline = time.monotonic() + timeout
+    results = []
+    for args, process in zip(commands, processes, strict=True):
+        try:
+            stdout, stderr = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        results.append(subprocess.CompletedProcess(list(args), process.returncode, stdout, stderr))
+    return results

@@ -10,14 +10,18 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 
+from pf_proxy.cli.options import Seconds, WholeNumber
 from tests.integration.helpers import (
     RAW_COMMANDS,
     EchoServer,
     Proxy,
+    console_scripts,
     exchange,
     free_port,
+    run_all_briefly,
     run_briefly,
     running,
 )
@@ -254,3 +258,90 @@ def test_help_and_version(command: str) -> None:
         result = run_briefly(command, flag)
         assert result.returncode == 0
         assert result.stdout.startswith(f"{command}, version ")
+
+
+# --- values that cannot work: usage errors, not a proxy that starts and fails later ---------
+
+# A valid command line for each console script, by long flag name; a test below replaces one
+# flag's value with a bad one. A command added later needs a line here, and then each of its
+# numeric options is tested like the others.
+VALID_FLAGS = {
+    "vsock-to-ip": {"--vsock-addr": "88:4000", "--ip-addr": "127.0.0.1:8080"},
+    "ip-to-vsock": {"--ip-addr": "127.0.0.1:3000", "--vsock-addr": "88:5000"},
+    "vsock-to-ip-transparent": {"--vsock-addr": "3:1200"},
+    "ip-to-vsock-transparent": {"--ip-addr": "127.0.0.1:1200", "--vsock-addr": "3:1200"},
+    "transparent-port-to-vsock": {"--ip-addr": "127.0.0.1:1200", "--vsock": "88"},
+    "ip-to-vsock-raw-incoming": {"--vsock-addr": "88:1200", "--queue-num": "0"},
+    "ip-to-vsock-raw-outgoing": {"--vsock-addr": "3:1200", "--queue-num": "0"},
+    "vsock-to-ip-raw-incoming": {"--vsock-addr": "88:1200", "--device": "lo"},
+    "vsock-to-ip-raw-outgoing": {"--vsock-addr": "3:1200"},
+}
+# NaN, the infinities (1e400 is one too, to float()) and a huge number; the other edges of
+# the ranges are tested in-process in tests/unit/test_options.py, on the same commands.
+BAD_SECONDS = ["nan", "inf", "-inf", "1e400", "1e300"]
+BAD_WHOLE_NUMBERS = ["nan", "inf", "-inf", "1e400", "65536"]
+
+
+def numeric_options() -> list[tuple[str, click.Option]]:
+    """(command, option) for every option of every console script that takes a number."""
+    found = []
+    for name, command in sorted(console_scripts().items()):
+        for param in command.params:
+            if isinstance(param, click.Option) and isinstance(
+                param.type, click.types.FloatParamType | click.types.IntParamType
+            ):
+                found.append((name, param))
+    return found
+
+
+def test_every_command_has_a_valid_command_line() -> None:
+    assert sorted(VALID_FLAGS) == sorted(console_scripts())
+
+
+def expected_range(kind: click.ParamType) -> str:
+    if isinstance(kind, Seconds):
+        return "(0 or 0.001<=SECONDS<=31536000)" if kind.zero else "(0.001<=SECONDS<=31536000)"
+    assert isinstance(kind, WholeNumber), f"{kind!r}: numeric options take Seconds or WholeNumber"
+    return f"({kind.min}<={kind.metavar}<={kind.max})"
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    numeric_options(),
+    ids=[f"{command} {option.opts[-1]}" for command, option in numeric_options()],
+)
+def test_numeric_options_reject_what_no_timer_or_queue_takes(
+    command: str, option: click.Option, tmp_path: Path
+) -> None:
+    """Each bad value exits 2 at once, naming the flag and giving the valid range; the
+    command lines run concurrently to keep this quick. (Emulated vsock in an empty directory:
+    a command that wrongly started would not touch real vsock.)"""
+    flag = max(option.opts, key=len)
+    bad_values = BAD_SECONDS if isinstance(option.type, Seconds) else BAD_WHOLE_NUMBERS
+    lines = []
+    for value in bad_values:
+        flags = {**VALID_FLAGS[command], flag: value}
+        lines.append([command, *(word for pair in flags.items() for word in pair)])
+    named = " / ".join(f"'{name}'" for name in option.opts)
+    valid = expected_range(option.type)
+    for value, result in zip(
+        bad_values,
+        run_all_briefly(lines, env={"PF_PROXY_VSOCK_DIR": str(tmp_path)}),
+        strict=True,
+    ):
+        assert result.returncode == 2, result
+        assert f"Invalid value for {named}: {value!r} " in result.stderr, result.stderr
+        assert valid in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command", ["vsock-to-ip", "ip-to-vsock"])
+@pytest.mark.parametrize("host", ["300.1.1.1", "1.2.3.4.5", "127.1", "1.2.3.4.", "0x7f.1"])
+def test_dotted_numbers_that_are_not_ipv4_are_usage_errors(command: str, host: str) -> None:
+    """For the upstream of vsock-to-ip (host names allowed) as for a listener: a name whose
+    last label is all digits is a malformed IPv4 address, not a name to look up."""
+    result = run_briefly(command, "-v", "88:4000", "-i", f"{host}:80")
+    assert result.returncode == 2, result
+    assert (
+        f"Invalid value for '-i' / '--ip-addr': '{host}:80': invalid IPv4 address '{host}'"
+        in result.stderr
+    ), result.stderr

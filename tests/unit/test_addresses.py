@@ -99,12 +99,49 @@ def test_invalid_listen_addresses(text: str) -> None:
         parse_ip_address(text)
 
 
+# Dotted numbers that are not IPv4: out-of-range parts, five parts, and the legacy inet_aton
+# forms (127.1, one number, octal, hex) a resolver would read as some other address.
+NOT_IPV4 = [
+    "300.1.1.1",
+    "1.2.3.4.5",
+    "127.1",
+    "127.0.1",
+    "2130706433",
+    "017.0.0.1",
+    "0x7f.1",
+    "1.0x7f",
+    "0x7f000001",
+    "1.2.3.4.",
+    "256.256.256.256",
+]
+
+
+@pytest.mark.parametrize("host", NOT_IPV4)
+@pytest.mark.parametrize("allow_host_name", [False, True])
+def test_dotted_numbers_that_are_not_ipv4(host: str, allow_host_name: bool) -> None:
+    """Rejected as listeners and as upstream targets alike, with the same message: a name
+    whose last label is all digits is not a host name (RFC 3696 section 2)."""
+    with pytest.raises(AddressError) as info:
+        parse_ip_address(f"{host}:80", allow_host_name=allow_host_name)
+    assert str(info.value) == f"invalid IPv4 address {host!r}"
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("logs.company.com:514", IpAddress("logs.company.com", 514)),
+        ("logs.example.com:514", IpAddress("logs.example.com", 514)),
         ("localhost:8080", IpAddress("localhost", 8080)),
         ("127.0.0.1:8080", IpAddress("127.0.0.1", 8080)),
+        # digits are fine anywhere but in a whole last label
+        ("a1.b2:80", IpAddress("a1.b2", 80)),
+        ("1a.com:80", IpAddress("1a.com", 80)),
+        ("123.example.com:80", IpAddress("123.example.com", 80)),
+        ("10.0.0.1.nip.io:80", IpAddress("10.0.0.1.nip.io", 80)),
+        ("host-1.a2b:80", IpAddress("host-1.a2b", 80)),
+        ("0x1.com:80", IpAddress("0x1.com", 80)),
+        ("deadbeef:80", IpAddress("deadbeef", 80)),
+        ("example.com.:80", IpAddress("example.com.", 80)),
     ],
 )
 def test_upstream_accepts_host_names(text: str, expected: IpAddress) -> None:
@@ -115,6 +152,12 @@ def test_upstream_accepts_host_names(text: str, expected: IpAddress) -> None:
 def test_upstream_rejects_malformed_host_names(text: str) -> None:
     with pytest.raises(AddressError):
         parse_ip_address(text, allow_host_name=True)
+
+
+@pytest.mark.parametrize("host", ["example.123", "a.b.7", "localhost.0", "42"])
+def test_upstream_rejects_an_all_digit_last_label(host: str) -> None:
+    with pytest.raises(AddressError, match=f"^invalid IPv4 address '{host}'$"):
+        parse_ip_address(f"{host}:80", allow_host_name=True)
 
 
 def test_literal_detection() -> None:

@@ -152,6 +152,7 @@ def test_ip_address_any_text(text: str, allow_host_name: bool) -> None:
     if not parsed.is_literal:
         assert allow_host_name
         assert ":" not in parsed.host and "[" not in parsed.host
+        assert not parsed.host.rstrip(".").rpartition(".")[2].isdigit()  # not IPv4-like
     elif ":" in parsed.host:
         assert text.startswith("[")  # IPv6 only in brackets
     else:

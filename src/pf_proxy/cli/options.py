@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -52,12 +54,97 @@ __all__ = [
     "CIDR",
     "IP_LISTEN_ADDRESS",
     "IP_TARGET_ADDRESS",
+    "MAX_SECONDS",
+    "MIN_SECONDS",
     "VSOCK_ADDRESS",
     "IpAddress",
+    "Seconds",
     "VsockAddress",
+    "WholeNumber",
     "command",
     "timeouts",
 ]
+
+# The longest timeout or interval any option takes: 365 days. A NaN delay makes the event
+# loop's timer raise (uvloop: "cannot convert float NaN to integer", in the middle of a
+# connection), and uvloop silently shortens any delay beyond 100 years (its MAX_SLEEP), inf
+# included, so neither is what was asked for. A year is far inside what both uvloop (timers
+# in whole milliseconds, 64-bit) and asyncio's own loop schedule exactly, and longer than any
+# timeout or interval a proxy needs.
+MAX_SECONDS = 365 * 24 * 60 * 60
+# The shortest non-zero one: uvloop's timer resolution. It rounds a delay to whole
+# milliseconds, so 0.0004 would mean "now": every upstream connect timing out at once, or
+# --stats-interval looping without pause.
+MIN_SECONDS = 0.001
+
+
+def _number(value: float) -> str:
+    return f"{value:.15g}"  # 31536000, not 3.1536e+07
+
+
+class Seconds(click.FloatRange):
+    """A finite number of seconds the event loop can schedule: MIN_SECONDS to MAX_SECONDS,
+    and 0 as well with `zero` (where 0 means off, or not waiting). Every timeout or interval
+    option takes this type, so each failure (not a number, NaN or infinity, out of range) is
+    a usage error that names the flag and gives the valid range."""
+
+    name = "seconds"
+
+    def __init__(self, *, zero: bool) -> None:
+        super().__init__(min=MIN_SECONDS, max=MAX_SECONDS)
+        self.zero = zero
+
+    def _describe_range(self) -> str:
+        # click shows this in --help ("[default: 10.0; ...]"); the messages below repeat it.
+        span = f"{_number(MIN_SECONDS)}<=SECONDS<={_number(MAX_SECONDS)}"
+        return f"0 or {span}" if self.zero else span
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        valid = self._describe_range()
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds ({valid})", param, ctx)
+        if not math.isfinite(seconds):  # nan, inf, -inf, and 1e400, which float() makes inf
+            self.fail(f"{value!r} is not a finite number of seconds ({valid})", param, ctx)
+        if seconds == 0 and self.zero:
+            return 0.0  # -0.0 too
+        if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+            self.fail(f"{value!r} is out of range ({valid})", param, ctx)
+        return seconds
+
+
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+
+
+class WholeNumber(click.IntRange):
+    """An integer from `minimum` to `maximum` in ASCII decimal digits (int() would also take
+    an Arabic-Indic '5', '1_0' and ' 7'); failures give the valid range, written with
+    `metavar` (the option's), as `Seconds` does."""
+
+    name = "integer"
+
+    def __init__(self, minimum: int, maximum: int, metavar: str) -> None:
+        super().__init__(min=minimum, max=maximum)
+        self.metavar = metavar
+
+    def _describe_range(self) -> str:
+        return f"{self.min}<={self.metavar}<={self.max}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        valid = self._describe_range()
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value):
+            number = int(value)
+        else:
+            self.fail(f"{value!r} is not a whole number ({valid})", param, ctx)
+        assert self.min is not None and self.max is not None
+        if not self.min <= number <= self.max:
+            self.fail(f"{value!r} is out of range ({valid})", param, ctx)
+        return number
 
 
 def command(help_text: str) -> Callable[[F], F]:
@@ -72,16 +159,12 @@ def command(help_text: str) -> Callable[[F], F]:
     return decorate
 
 
-def _seconds(allow_off: bool) -> click.FloatRange:
-    return click.FloatRange(min=0, min_open=not allow_off)
-
-
 def timeouts(func: F) -> F:
     """--connect-timeout, --idle-timeout, --drain-timeout (additions; defaults are faithful)."""
     options = [
         click.option(
             "--connect-timeout",
-            type=_seconds(False),
+            type=Seconds(zero=False),
             default=10.0,
             show_default=True,
             metavar="SECONDS",
@@ -89,7 +172,7 @@ def timeouts(func: F) -> F:
         ),
         click.option(
             "--idle-timeout",
-            type=_seconds(True),
+            type=Seconds(zero=True),
             default=0.0,
             show_default="off",
             metavar="SECONDS",
@@ -97,7 +180,7 @@ def timeouts(func: F) -> F:
         ),
         click.option(
             "--drain-timeout",
-            type=_seconds(True),
+            type=Seconds(zero=True),
             default=5.0,
             show_default=True,
             metavar="SECONDS",

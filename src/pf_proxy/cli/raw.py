@@ -10,7 +10,7 @@ from typing import NoReturn
 import click
 
 from pf_proxy import runtime
-from pf_proxy.cli.options import VSOCK_ADDRESS, F, command
+from pf_proxy.cli.options import VSOCK_ADDRESS, F, Seconds, WholeNumber, command
 from pf_proxy.endpoints import VsockAddress, vsock_endpoint
 from pf_proxy.raw import forward
 from pf_proxy.raw.addresses import (
@@ -43,7 +43,8 @@ QUEUE_NUM = click.option(
     "-q",
     "--queue-num",
     required=True,
-    type=click.IntRange(0, 0xFFFF),
+    type=WholeNumber(0, 0xFFFF, metavar="NUM"),
+    metavar="NUM",
     help="nfqueue number of the listener <num>",
 )
 
@@ -52,7 +53,7 @@ def _service_options(func: F) -> F:
     """--stats-interval and --drain-timeout (additions with faithful defaults)."""
     func = click.option(
         "--drain-timeout",
-        type=click.FloatRange(min=0),
+        type=Seconds(zero=True),
         default=5.0,
         show_default=True,
         metavar="SECONDS",
@@ -60,7 +61,7 @@ def _service_options(func: F) -> F:
     )(func)
     return click.option(
         "--stats-interval",
-        type=click.FloatRange(min=0),
+        type=Seconds(zero=True),
         default=60.0,
         show_default=True,
         metavar="SECONDS",

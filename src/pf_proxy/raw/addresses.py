@@ -13,8 +13,6 @@ import socket
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from pyroute2 import IPRoute
-
 OUTGOING_INTERFACE_PREFIXES = ("eth", "ens")
 
 
@@ -40,6 +38,10 @@ def read_enclave_address(path: Path) -> IPv4Address:
 
 def _interfaces_with_ipv4() -> list[tuple[int, str, IPv4Address]]:
     """(index, name, first IPv4 address) of every interface that has one, by index."""
+    # Imported here, not at the top: pyroute2 takes about 0.15 s to import, which every raw
+    # command would otherwise spend on --help and usage errors too.
+    from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         first_address: dict[int, IPv4Address] = {}
