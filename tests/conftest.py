@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
+
+from tests.vsocks import Vsock, in_guest
 
 REQUIRE_ROOT_TESTS = os.environ.get("PF_PROXY_REQUIRE_ROOT_TESTS") == "1"
 ROOT_TOOLS = ("ip", "iptables", "ip6tables", "ipset")
@@ -26,6 +29,8 @@ def _missing_root_requirement() -> str | None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("guest") is not None and not in_guest():
+        pytest.skip("needs real AF_VSOCK: runs inside the guest stage (make test-guest)")
     if item.get_closest_marker("root") is None:
         return
     reason = _missing_root_requirement()
@@ -34,3 +39,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if REQUIRE_ROOT_TESTS:
         pytest.fail(f"PF_PROXY_REQUIRE_ROOT_TESTS=1 but this test {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(params=["splice", "copy"])
+def vsock(request: pytest.FixtureRequest, tmp_path: Path) -> Vsock:
+    """The vsock under test, on each of the relay's two paths: real AF_VSOCK inside the guest
+    stage, the emulation (a fresh directory) everywhere else."""
+    if in_guest():
+        return Vsock(real=True, directory=None, splice=request.param == "splice")
+    directory = tmp_path / "vsock"
+    directory.mkdir()
+    return Vsock(real=False, directory=directory, splice=request.param == "splice")

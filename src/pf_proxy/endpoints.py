@@ -10,6 +10,21 @@ vsock address is real AF_VSOCK or emulated:
 
 Unix sockets with a filesystem path are reachable across network namespaces, so emulated
 vsock links an "enclave" namespace to a "host" namespace just as vsock would.
+
+What real AF_VSOCK does, and how the emulation is made to match (see the README's table):
+
+- vsock has no reset. However a peer closes, its reader gets the bytes sent and then EOF;
+  the next send fails with EPIPE. A Unix socket reports ECONNRESET to its reader when the
+  closing side left bytes unread: `peer_close_is_eof()` tells readers to take that as the end
+  of the stream, and `close_abortively()` drains an emulated socket before closing it, so its
+  peer reads EOF too.
+- Connecting to a port nobody listens on, or to a listener whose backlog is full, fails at
+  once with ECONNRESET; a CID that does not exist fails at once with ENODEV. The emulation
+  raises the same errors (a Unix socket would say ENOENT, ECONNREFUSED or EAGAIN), and every
+  message names the vsock address and what the error means there.
+- CPython reads and writes every AF_VSOCK socket option as a 64-bit integer: a `bytes` value
+  (a struct linger, a struct timeval) raises TypeError. No code sets such an option on a
+  socket that may be vsock; `close_abortively()` leaves SO_LINGER to TCP sockets.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ import ipaddress
 import os
 import re
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,11 +163,15 @@ def parse_ip_address(text: str, *, allow_host_name: bool = False) -> IpAddress:
 
 
 async def connect_socket(sock: socket.socket, address: object) -> None:
-    """Connect a non-blocking socket of any family, waiting on the running loop."""
+    """Connect a non-blocking socket of any family, waiting on the running loop.
+
+    Only EINPROGRESS means "wait": any other error, EAGAIN included (a Unix listener's full
+    backlog), raises at once, so a socket that did not connect is never returned.
+    """
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     err = sock.connect_ex(address)  # type: ignore[arg-type]
-    if err in (errno.EINPROGRESS, errno.EAGAIN):
+    if err == errno.EINPROGRESS:
         ready = loop.create_future()
 
         def on_writable() -> None:
@@ -215,7 +235,8 @@ class VsockEndpoint:
             ) from exc
 
     async def connect(self) -> socket.socket:
-        """A connected non-blocking socket; `ConnectError` names the address."""
+        """A connected non-blocking socket; `ConnectError` names the address and says what
+        the error means for vsock (ECONNRESET: nobody listens, or the backlog is full)."""
         try:
             if self.emulation_dir is None:
                 sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
@@ -227,23 +248,36 @@ class VsockEndpoint:
                 return sock
             return await self._connect_emulated()
         except OSError as exc:
+            meaning = _VSOCK_CONNECT_ERRORS.get(exc.errno or 0, "").format(self)
+            why = f"{meaning} ({exc.strerror})" if meaning else (exc.strerror or str(exc))
             raise ConnectError(
-                exc.errno,
-                f"failed to connect to vsock endpoint {self.address}: {exc.strerror or exc}",
+                exc.errno, f"failed to connect to vsock endpoint {self.address}: {why}"
             ) from exc
 
     async def _connect_emulated(self) -> socket.socket:
-        # A real listener on VMADDR_CID_ANY accepts connections for every CID; so does ours.
-        try:
-            return await _connect_unix(self.socket_path())
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
-                raise
-            first_error = exc
-        try:
-            return await _connect_unix(self.socket_path(VMADDR_CID_ANY))
-        except FileNotFoundError:
-            raise first_error from None  # no CID-any listener: the CID's own error says more
+        """Connect as AF_VSOCK would: a listener on VMADDR_CID_ANY takes every CID; no
+        listener, or a full backlog, is ECONNRESET at once (never EAGAIN, never a wait)."""
+        for cid in (self.address.cid, VMADDR_CID_ANY):
+            try:
+                return await _connect_unix(self.socket_path(cid))
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:  # the listener's backlog is full
+                    raise _reset() from exc
+                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                    raise
+        raise _reset()  # nobody listens on either path
+
+
+def _reset() -> OSError:
+    return OSError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+
+
+# What a failed vsock connect means, by errno (observed over real AF_VSOCK; see vsock.md).
+_VSOCK_CONNECT_ERRORS = {
+    errno.ECONNRESET: "nobody listens on {0}, or its listen backlog is full",
+    errno.ENODEV: "no such CID: nothing at {0.address.cid} is reachable over vsock",
+    errno.ETIMEDOUT: "{0} did not answer within the kernel's vsock connect timeout",
+}
 
 
 async def _connect_unix(path: Path) -> socket.socket:
@@ -254,6 +288,50 @@ async def _connect_unix(path: Path) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff=1, l_linger=0}: close sends RST
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_NO_RESET_FAMILIES = (socket.AF_UNIX, socket.AF_VSOCK)
+_DRAIN_LIMIT = 16 << 20  # read from an emulated socket before close; its queue holds far less
+
+
+def peer_close_is_eof(sock: socket.socket) -> bool:
+    """Whether ECONNRESET from reading `sock` means only "the peer closed": true for vsock
+    (which never reports it) and its emulation (a Unix socket reports it when the closing
+    peer left bytes unread, after every byte the peer sent was read)."""
+    return sock.family in _NO_RESET_FAMILIES
+
+
+def close_abortively(sock: socket.socket) -> None:
+    """Close a socket whose stream did not end cleanly; never raises.
+
+    A TCP peer is reset (SO_LINGER 0), so it cannot take a truncated stream for a complete
+    one. vsock has no reset: its peer reads EOF however we close (and CPython would raise
+    TypeError for a struct linger on it). An emulated vsock socket is shut down (the peer's
+    next send fails with EPIPE, as over vsock) and drained, so the peer reads EOF as over
+    vsock, not the ECONNRESET a Unix socket closed with unread bytes gives.
+    """
+    try:
+        if sock.family in _TCP_FAMILIES:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        elif sock.family == socket.AF_UNIX:
+            sock.shutdown(socket.SHUT_RDWR)
+            _drain(sock)
+    except OSError:
+        pass
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def _drain(sock: socket.socket) -> None:
+    scratch = bytearray(1 << 16)
+    drained = 0
+    while drained < _DRAIN_LIMIT and (count := sock.recv_into(scratch, 0, socket.MSG_DONTWAIT)):
+        drained += count
 
 
 def _remove_stale_socket(path: Path) -> None:

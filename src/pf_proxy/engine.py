@@ -25,9 +25,8 @@ import socket
 from dataclasses import dataclass
 
 from pf_proxy.dstheader import HeaderError
-from pf_proxy.endpoints import BindError, ConnectError, Endpoint
-from pf_proxy.origdst import OriginalDestinationError
-from pf_proxy.relay import Relay, _set_reset_on_close
+from pf_proxy.endpoints import BindError, Endpoint, close_abortively
+from pf_proxy.relay import Relay
 from pf_proxy.routes import DeniedDestination, Route
 from pf_proxy.runtime import systemd_notify
 
@@ -158,7 +157,11 @@ def _peer_name(peer: object, listener_name: str) -> str:
 async def handle_connection(
     inbound: socket.socket, inbound_name: str, route: Route, settings: Settings
 ) -> None:
-    """Route one accepted connection and relay it; log and close it on any failure."""
+    """Route one accepted connection and relay it; log and close it on any failure.
+
+    Whatever happens (a route or relay failure, a cancel at the drain), every socket the
+    connection owns is closed: `close_abortively` and `Relay.run`'s own cleanup never raise.
+    """
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(settings.connect_timeout):
@@ -169,43 +172,42 @@ async def handle_connection(
             inbound_name,
             settings.connect_timeout,
         )
-        _close(inbound, reset=True)
+        close_abortively(inbound)
         return
-    except (ConnectError, OriginalDestinationError, HeaderError, DeniedDestination) as exc:
+    except (OSError, HeaderError, DeniedDestination) as exc:
         log.error("Closing connection from %s: %s", inbound_name, exc)
-        _close(inbound, reset=True)
-        return
-    except OSError as exc:
-        log.error("Closing connection from %s: %s", inbound_name, exc)
-        _close(inbound, reset=True)
+        close_abortively(inbound)
         return
     except BaseException:
-        _close(inbound, reset=True)
+        close_abortively(inbound)
         raise
 
     try:
         if upstream.first_bytes:
             await loop.sock_sendall(upstream.sock, upstream.first_bytes)
-    except OSError as exc:
+    except BaseException as exc:
+        close_abortively(inbound)
+        close_abortively(upstream.sock)
+        if not isinstance(exc, OSError):
+            raise
         log.error("Failed to transfer data: error=%s (to %s)", exc, upstream.name)
-        _close(inbound, reset=True)
-        _close(upstream.sock, reset=True)
         return
-    except BaseException:
-        _close(inbound, reset=True)
-        _close(upstream.sock, reset=True)
-        raise
 
     a, b, detail = inbound_name, upstream.name, upstream.detail
-    relay = Relay(
-        inbound,
-        upstream.sock,
-        f"{settings.forward} IO copy done, from {a} to {b}{detail}",
-        f"{settings.backward} IO copy done, from {b} to {a}{detail}",
-        idle_timeout=settings.idle_timeout,
-    )
     try:
-        await relay.run()
+        relay = Relay(
+            inbound,
+            upstream.sock,
+            f"{settings.forward} IO copy done, from {a} to {b}{detail}",
+            f"{settings.backward} IO copy done, from {b} to {a}{detail}",
+            idle_timeout=settings.idle_timeout,
+        )
+    except BaseException:
+        close_abortively(inbound)
+        close_abortively(upstream.sock)
+        raise
+    try:
+        await relay.run()  # closes both sockets, whatever happens
     except (OSError, TimeoutError) as exc:
         log.error(
             "Failed to transfer data: error=%s (between %s and %s, %d and %d bytes relayed)",
@@ -215,12 +217,6 @@ async def handle_connection(
             relay.bytes_forward,
             relay.bytes_backward,
         )
-
-
-def _close(sock: socket.socket, *, reset: bool) -> None:
-    if reset:
-        _set_reset_on_close(sock)
-    sock.close()
 
 
 async def serve(listen: Endpoint, route: Route, settings: Settings) -> int:

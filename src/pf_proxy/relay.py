@@ -16,9 +16,11 @@ empty ones for the read and given back as soon as dst has taken the whole chunk;
 direction waiting for dst to drain keeps one. So an idle connection costs only its two
 sockets, and the hot path neither creates pipes nor allocates buffers.
 
-The relay ends when both directions have reached EOF, or when either fails; after a failure
-both sockets are reset (SO_LINGER 0), so neither peer mistakes a truncated stream for a
-complete one.
+The relay ends when both directions have reached EOF, or when either fails. After a failure
+both sockets are closed abortively (`endpoints.close_abortively`): a TCP peer is reset, so it
+cannot mistake a truncated stream for a complete one; a vsock peer reads EOF, because vsock has
+no reset. For the same reason a reset read from a vsock socket (only the emulation reports
+one) is that direction's EOF, not a failure.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import logging
 import mmap
 import os
 import socket
-import struct
+
+from pf_proxy.endpoints import close_abortively, peer_close_is_eof
 
 log = logging.getLogger("pf_proxy")
 
@@ -46,7 +49,6 @@ READS_PER_WAKEUP = 4  # bounded, so one busy connection cannot starve the others
 _READS = range(READS_PER_WAKEUP)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 SOL_SOCKET, SO_ERROR = socket.SOL_SOCKET, socket.SO_ERROR
-_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff=1, l_linger=0}: close sends RST
 
 FREE_CARRIERS_KEPT = 8  # empty pipes (and buffers) kept for reuse; the rest are closed (freed)
 
@@ -102,6 +104,25 @@ class _Pump:
             self._wait_for_dst()
         else:
             self._drop_carrier()
+
+    def _peer_closed(self, exc: OSError) -> bool:
+        """A reset read from a socket that has none (emulated vsock): src's peer closed.
+
+        Every byte it sent was read before the reset was reported, or is still queued when
+        the reset was found by the SO_ERROR check; either way what follows is data, then EOF.
+        uvloop stops watching a socket whose readiness came with an error, so watch src (and
+        dst, should it wait to write there) afresh, and read on as usual.
+        """
+        if exc.errno != errno.ECONNRESET or not peer_close_is_eof(self.src) or self.in_hand():
+            return False  # not a read's error: a write to dst failed with bytes in hand
+        self._drop_carrier()
+        self.loop.remove_reader(self.src_fd)
+        self.loop.add_reader(self.src_fd, self._on_readable)
+        return True
+
+    def in_hand(self) -> bool:
+        """Whether bytes read from src wait to be written to dst."""
+        raise NotImplementedError
 
     def _wait_for_dst(self) -> None:
         """dst is full: stop reading src until dst has taken the chunk in hand."""
@@ -185,8 +206,11 @@ class _SplicePump(_Pump):
         except OSError as exc:
             if (_cannot_splice(exc) and not self.bytes) or _out_of_descriptors(exc):
                 self._switch_to_copy()
-            else:
+            elif not self._peer_closed(exc):
                 self._fail(exc)
+
+    def in_hand(self) -> bool:
+        return self.in_pipe > 0
 
     def _write_held(self) -> bool:
         assert self.pipe is not None
@@ -259,7 +283,11 @@ class _CopyPump(_Pump):
         except BlockingIOError:
             self._blocked(holding=self.filled > 0)
         except OSError as exc:
-            self._fail(exc)
+            if not self._peer_closed(exc):
+                self._fail(exc)
+
+    def in_hand(self) -> bool:
+        return self.filled > self.sent
 
     def _write_held(self) -> bool:
         buffer = self.buffer
@@ -356,25 +384,28 @@ class Relay:
             self.done.set_exception(exc)
 
     async def run(self) -> None:
-        for sock in (self.inbound, self.upstream):
-            sock.setblocking(False)
-        for pump in self.pumps:
-            pump.start()
-        if self.idle_timeout:
-            self._idle_timer = self._schedule_idle_check()
         clean = False
         try:
+            for sock in (self.inbound, self.upstream):
+                sock.setblocking(False)
+            for pump in self.pumps:
+                pump.start()
+            if self.idle_timeout:
+                self._idle_timer = self._schedule_idle_check()
             await self.done
             clean = True
         finally:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-            for pump in self.pumps:
-                pump.stop()
-            for sock in (self.inbound, self.upstream):
-                if not clean:
-                    _set_reset_on_close(sock)
-                sock.close()
+            try:
+                if self._idle_timer is not None:
+                    self._idle_timer.cancel()
+                for pump in self.pumps:
+                    pump.stop()
+            finally:  # the sockets are closed whatever stopping the pumps did
+                for sock in (self.inbound, self.upstream):
+                    if clean:
+                        sock.close()
+                    else:
+                        close_abortively(sock)
 
     def _schedule_idle_check(self) -> asyncio.TimerHandle:
         assert self.idle_timeout is not None
@@ -398,9 +429,3 @@ class Relay:
     def bytes_backward(self) -> int:
         return self.pumps[1].bytes
 
-
-def _set_reset_on_close(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass

@@ -25,6 +25,7 @@ from pf_proxy.endpoints import (
     IpEndpoint,
     VsockAddress,
     VsockEndpoint,
+    peer_close_is_eof,
 )
 from pf_proxy.origdst import original_destination
 
@@ -113,7 +114,12 @@ async def _read_exactly(sock: socket.socket, size: int) -> bytes:
     loop = asyncio.get_running_loop()
     data = b""
     while len(data) < size:
-        chunk = await loop.sock_recv(sock, size - len(data))
+        try:
+            chunk = await loop.sock_recv(sock, size - len(data))
+        except ConnectionResetError:
+            if not peer_close_is_eof(sock):
+                raise
+            chunk = b""  # emulated vsock: the peer closed, as over vsock
         if not chunk:
             raise HeaderError(
                 f"stream ended inside the destination header ({len(data)} of {size} bytes)"

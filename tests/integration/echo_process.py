@@ -2,6 +2,7 @@
 
     python -m tests.integration.echo_process tcp 127.0.0.1 PORT
     python -m tests.integration.echo_process unix /path/to/88_5000.sock
+    python -m tests.integration.echo_process vsock CID PORT   (inside the guest stage only)
 
 Prints "ready" once listening, then echoes every byte of every connection and half-closes
 after the peer does. A stale socket file at the Unix path is replaced.
@@ -13,6 +14,8 @@ import os
 import socket
 import sys
 import threading
+
+from tests.vsocks import in_guest
 
 
 def echo(conn: socket.socket) -> None:
@@ -31,6 +34,11 @@ def main() -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((sys.argv[2], int(sys.argv[3])))
+    elif kind == "vsock":
+        if not in_guest():
+            sys.exit("real AF_VSOCK only inside the guest stage")
+        listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        listener.bind((int(sys.argv[2]), int(sys.argv[3])))
     else:
         path = sys.argv[2]
         if os.path.exists(path):

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -191,7 +192,8 @@ def exchange_on(sock: socket.socket, address: Any, payload: bytes) -> bytes:
     until EOF. A thread sends while this one reads, so large payloads cannot deadlock; a
     failed send fails the exchange."""
     with sock:
-        sock.connect(address)
+        if address is not None:  # None: already connected
+            sock.connect(address)
         errors: list[BaseException] = []
 
         def send() -> None:
@@ -273,3 +275,65 @@ def run_all_briefly(
             stdout, stderr = process.communicate()
         results.append(subprocess.CompletedProcess(list(args), process.returncode, stdout, stderr))
     return results
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def read_until_end(sock: socket.socket) -> tuple[bytes, str]:
+    """Everything received, and how the stream ended: "eof" or "reset"."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        return b"".join(chunks), "reset"
+    return b"".join(chunks), "eof"
+
+
+def closed(sock: socket.socket) -> bool:
+    """True once the peer has closed (EOF or reset); waits up to the socket's timeout."""
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+def socket_fds(pid: int) -> int:
+    """The sockets a process holds (its pipes, which the relay pools, are not counted)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass  # closed while we looked
+    return count
+
+
+@contextmanager
+def echo_process(*args: str, log_dir: Path) -> Iterator[subprocess.Popen[str]]:
+    """tests.integration.echo_process as a process of its own, killed (by pid) at the end."""
+    errors = open(log_dir / f"echo-{time.monotonic_ns()}.err", "w")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.echo_process", *args],
+        stdout=subprocess.PIPE,
+        stderr=errors,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready", (log_dir, args)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+        errors.close()
