@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
-from tests.vsocks import Vsock, in_guest
+from tests.vsocks import Vsock, in_guest, vsock_under_test
 
 REQUIRE_ROOT_TESTS = os.environ.get("PF_PROXY_REQUIRE_ROOT_TESTS") == "1"
 ROOT_TOOLS = ("ip", "iptables", "ip6tables", "ipset")
@@ -42,11 +42,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.fixture(params=["splice", "copy"])
-def vsock(request: pytest.FixtureRequest, tmp_path: Path) -> Vsock:
-    """The vsock under test, on each of the relay's two paths: real AF_VSOCK inside the guest
-    stage, the emulation (a fresh directory) everywhere else."""
-    if in_guest():
-        return Vsock(real=True, directory=None, splice=request.param == "splice")
-    directory = tmp_path / "vsock"
-    directory.mkdir()
-    return Vsock(real=False, directory=directory, splice=request.param == "splice")
+def vsock(request: pytest.FixtureRequest) -> Iterator[Vsock]:
+    """The vsock under test, on each of the relay's two paths."""
+    with vsock_under_test(splice=request.param == "splice") as place:
+        yield place
+
+
+@pytest.fixture
+def vsock_link() -> Iterator[Vsock]:
+    """The vsock under test, for the raw proxies' links (they have one path)."""
+    with vsock_under_test() as place:
+        yield place

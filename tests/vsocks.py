@@ -18,6 +18,9 @@ import os
 import re
 import socket
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,17 +72,23 @@ class Vsock:
         """The CID a proxy or test server listens on."""
         return VMADDR_CID_ANY if self.real else EMULATED_CID
 
-    def address(self, port: int) -> str:
-        """`CID:PORT` for a proxy's upstream vsock target."""
-        return f"{self.cid}:{port}"
+    def address(self, port: int, cid: int = EMULATED_CID) -> str:
+        """`CID:PORT` for a proxy's upstream vsock target. `cid` places it in the emulation
+        (a deployment with several CIDs); over real vsock every listener is at CID 1."""
+        return f"{VMADDR_CID_LOCAL if self.real else cid}:{port}"
 
-    def listen_address(self, port: int) -> str:
-        """`CID:PORT` for a proxy's vsock listener."""
-        return f"{self.listen_cid}:{port}"
+    def listen_address(self, port: int, cid: int = EMULATED_CID) -> str:
+        """`CID:PORT` for a proxy's vsock listener (`cid` as for `address`)."""
+        return f"{VMADDR_CID_ANY if self.real else cid}:{port}"
 
     def listener_name(self, port: int) -> str:
         """How a proxy names its vsock listener in its log lines."""
         return f"vsock {self.listen_address(port)}"
+
+    def path(self, address: str) -> str:
+        """The emulation's Unix socket for `CID:PORT`."""
+        assert self.directory is not None, "only the emulation has paths"
+        return str(self.directory / f"{address.replace(':', '_')}.sock")
 
     def inbound_name(self, port: int) -> str:
         """How a proxy names a connection accepted on its vsock listener (a prefix: over real
@@ -137,6 +146,18 @@ class Vsock:
         pattern = re.compile(re.escape(str(self.directory)) + r"/\S+\.sock")
         return sum(1 for line in _ss("-x", "state", "established").splitlines()
                    if pattern.search(line))
+
+
+@contextmanager
+def vsock_under_test(splice: bool = True) -> Iterator[Vsock]:
+    """Real AF_VSOCK inside the guest stage, the emulation everywhere else (a fresh, short
+    directory: a Unix socket's path holds at most 107 bytes)."""
+    if in_guest():
+        yield Vsock(real=True, directory=None, splice=splice)
+        return
+    with tempfile.TemporaryDirectory(prefix="pfp-vsock-") as name:
+        yield Vsock(real=False, directory=Path(name), splice=splice)
+
 
 
 def _ss(*args: str) -> str:

@@ -17,8 +17,6 @@ import pytest
 from tests.integration.helpers import ThreadedServer, listening_socket
 from tests.integration.namespaced import WAIT, NsProxy, in_netns, same_bytes, tcp_socket_in
 from tests.integration.tuna import (
-    HOST_CID,
-    LINK_PORT,
     MTU,
     RESERVED_SERVER,
     SERVER,
@@ -26,6 +24,7 @@ from tests.integration.tuna import (
     deployment,
 )
 from tests.netns import Netns
+from tests.vsocks import Vsock
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -110,9 +109,12 @@ def wait_for_count(running: NsProxy, reason: str, at_least: int = 1) -> None:
 # --- the tests ------------------------------------------------------------------------------
 
 
-def test_enclave_fetches_from_the_internet_and_is_reached_from_it(tmp_path: Path) -> None:
+@pytest.mark.vsock
+def test_enclave_fetches_from_the_internet_and_is_reached_from_it(
+    tmp_path: Path, vsock_link: Vsock
+) -> None:
     with (
-        deployment(tmp_path) as deployed,
+        deployment(tmp_path, vsock=vsock_link) as deployed,
         server(deployed.internet, SERVER, 8080) as outside,
         server(deployed.enclave, "0.0.0.0", 8443) as inside,
     ):
@@ -222,10 +224,16 @@ def test_the_proxy_filters_even_when_the_enclave_queues_everything(tmp_path: Pat
         "ip-to-vsock-raw-incoming",
     ],
 )
-def test_a_proxy_killed_and_restarted_mid_connection(tmp_path: Path, command: str) -> None:
+@pytest.mark.vsock
+def test_a_proxy_killed_and_restarted_mid_connection(
+    tmp_path: Path, command: str, vsock_link: Vsock
+) -> None:
     """The others reconnect by themselves; an open TCP connection carries on (TCP retransmits
     what was lost while the proxy was down) and new connections work."""
-    with deployment(tmp_path) as deployed, server(deployed.internet, SERVER, 8080):
+    with (
+        deployment(tmp_path, vsock=vsock_link) as deployed,
+        server(deployed.internet, SERVER, 8080),
+    ):
         sock = tcp_socket_in(deployed.enclave)
         sock.settimeout(WAIT * 2)
         with sock:
@@ -246,7 +254,7 @@ def test_garbage_on_the_outgoing_listener_is_dropped_and_the_link_recovers(
 ) -> None:
     with deployment(tmp_path) as deployed, server(deployed.internet, SERVER, 8080):
         outgoing = deployed.proxies["vsock-to-ip-raw-outgoing"]
-        path = deployed.vsock_dir / f"{HOST_CID}_{LINK_PORT}.sock"
+        path = deployed.vsock.path(deployed.to_host[0])
         garbage = {
             "IP version 6 is not 4": b"\x60" + bytes(40),
             "total length 5 is under 20": b"\x45\x00\x00\x05" + bytes(30),

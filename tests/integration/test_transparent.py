@@ -40,6 +40,7 @@ from tests.integration.namespaced import (
     tcp_socket_in,
 )
 from tests.netns import Netns, netns
+from tests.vsocks import Vsock
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(90)]
 
@@ -56,14 +57,6 @@ def vsock_dir() -> Iterator[Path]:
     """A short directory for the emulated vsock sockets (Unix socket paths max 107 bytes)."""
     with tempfile.TemporaryDirectory(prefix="pfp-vsock-") as name:
         yield Path(name)
-
-
-@pytest.fixture(params=["splice", "copy"])
-def env(request: pytest.FixtureRequest, vsock_dir: Path) -> dict[str, str]:
-    values = {"PF_PROXY_VSOCK_DIR": str(vsock_dir)}
-    if request.param == "copy":
-        values["PF_PROXY_NO_SPLICE"] = "1"
-    return values
 
 
 @pytest.fixture
@@ -94,16 +87,17 @@ def host() -> Iterator[Netns]:
     ],
     ids=["ipv4", "ipv6"],
 )
+@pytest.mark.vsock
 def test_enclave_reaches_host_server_by_original_destination(
     enclave: Netns,
     host: Netns,
-    env: dict[str, str],
+    vsock: Vsock,
     tmp_path: Path,
     server_address: str,
     listen: str,
     family: int,
 ) -> None:
-    """client (enclave) -> REDIRECT -> ip-to-vsock-transparent -> vsock 3:1200 ->
+    """client (enclave) -> REDIRECT -> ip-to-vsock-transparent -> vsock :1200 ->
     vsock-to-ip-transparent (host) -> the server at the original destination; 4 MiB echoed
     byte-exact, with half-close."""
     ipv6 = family == socket.AF_INET6
@@ -116,13 +110,13 @@ def test_enclave_reaches_host_server_by_original_destination(
         # Without the proxies the enclave cannot reach the server: the rule sends it nowhere.
         with tcp_socket_in(enclave, family) as probe, pytest.raises(ConnectionRefusedError):
             probe.connect((server_address, server.port))
-        through_the_pair(enclave, host, env, tmp_path, server, server_address, listen)
+        through_the_pair(enclave, host, vsock, tmp_path, server, server_address, listen)
 
 
 def through_the_pair(
     enclave: Netns,
     host: Netns,
-    env: dict[str, str],
+    vsock: Vsock,
     tmp_path: Path,
     server: Server,
     server_address: str,
@@ -130,19 +124,17 @@ def through_the_pair(
 ) -> None:
     family = socket.AF_INET6 if ":" in server_address else socket.AF_INET
     ipv6 = family == socket.AF_INET6
+    env = vsock.env
     with (
-        proxy(host, "vsock-to-ip-transparent", "-v", "3:1200", log_dir=tmp_path, env=env) as inner,
         proxy(
-            enclave,
-            "ip-to-vsock-transparent",
-            "-i",
-            listen,
-            "-v",
-            "3:1200",
-            log_dir=tmp_path,
-            env=env,
+            host, "vsock-to-ip-transparent", "-v", vsock.listen_address(1200),
+            log_dir=tmp_path, env=env,
+        ) as inner,
+        proxy(
+            enclave, "ip-to-vsock-transparent", "-i", listen, "-v", vsock.address(1200),
+            log_dir=tmp_path, env=env,
         ) as outer,
-    ):
+    ):  # fmt: skip
         payload = os.urandom(4 * MiB)
         received = exchange_on(
             tcp_socket_in(enclave, family), (server_address, server.port), payload
@@ -158,8 +150,9 @@ def through_the_pair(
         outer.wait_for("ip to vsock IO copy done")
         outer.wait_for("vsock to ip IO copy done")
         inner.wait_for(f"Proxying to: {original}")
-        inner.wait_for(f"vsock to ip IO copy done, from vsock 3:1200 to {original}")
-        inner.wait_for(f"ip to vsock IO copy done, from {original} to vsock 3:1200")
+        inbound = vsock.inbound_name(1200)
+        inner.wait_for(f"vsock to ip IO copy done, from {inbound}")
+        inner.wait_for(f"ip to vsock IO copy done, from {original} to {inbound}")
     assert "Failed" not in outer.stderr + inner.stderr, outer.stderr + inner.stderr
 
 
@@ -264,12 +257,14 @@ def test_destination_header_bytes_on_the_wire(
     ],
     ids=["ipv4", "ipv6"],
 )
+@pytest.mark.vsock
 def test_transparent_port_to_vsock_routes_by_original_port(
-    enclave: Netns, host: Netns, plain_env: dict[str, str], tmp_path: Path, target: str, listen: str
+    enclave: Netns, host: Netns, vsock: Vsock, tmp_path: Path, target: str, listen: str
 ) -> None:
-    """Connections redirected from the target's port 80 and 8080 reach vsock 88:80 and
-    88:8080, each a vsock-to-ip in the host namespace in front of its own server; a port
+    """Connections redirected from the target's port 80 and 8080 reach vsock CID:80 and
+    CID:8080, each a vsock-to-ip in the host namespace in front of its own server; a port
     nobody listens on (9090) is closed and logged, and the others keep working."""
+    plain_env = vsock.env
     family = socket.AF_INET6 if ":" in target else socket.AF_INET
     shown = f"[{target}]" if family == socket.AF_INET6 else target
     enclave_namespace(enclave, ipv6=family == socket.AF_INET6)
@@ -285,7 +280,7 @@ def test_transparent_port_to_vsock_routes_by_original_port(
                     host,
                     "vsock-to-ip",
                     "-v",
-                    f"88:{port}",
+                    vsock.listen_address(port),
                     "-i",
                     f"127.0.0.1:{server.port}",
                     log_dir=tmp_path,
@@ -301,7 +296,7 @@ def test_transparent_port_to_vsock_routes_by_original_port(
                 "-i",
                 listen,
                 "-v",
-                "88",
+                str(vsock.cid),
                 log_dir=tmp_path,
                 env=plain_env,
             )
@@ -318,17 +313,20 @@ def test_transparent_port_to_vsock_routes_by_original_port(
 
         outer.wait_for(f"Original destination: {shown}:80")
         outer.wait_for(f"Original destination: {shown}:8080")
-        outer.wait_for("Proxying to: vsock 88:80")
-        outer.wait_for("Proxying to: vsock 88:8080")
+        outer.wait_for(f"Proxying to: vsock {vsock.address(80)}")
+        outer.wait_for(f"Proxying to: vsock {vsock.address(8080)}")
         outer.wait_for("port to vsock IO copy done")
         outer.wait_for("vsock to port IO copy done")
         for port, inner in inners.items():
-            inner.wait_for(f"vsock to ip IO copy done, from vsock 88:{port} to 127.0.0.1:")
+            inner.wait_for(f"vsock to ip IO copy done, from {vsock.inbound_name(port)}")
 
-        # No vsock listener on 88:9090: that one connection is closed and logged.
+        # No vsock listener on CID:9090: that one connection is closed and logged.
         with tcp_socket_in(enclave, family) as sock:
             assert closed_without_data(sock, b"anyone there?", connect_to=(target, 9090))
-        outer.wait_for("failed to connect to vsock endpoint 88:9090", stream="stderr")
+        outer.wait_for(
+            f"failed to connect to vsock endpoint {vsock.address(9090)}: nobody listens",
+            stream="stderr",
+        )
         received = exchange_on(tcp_socket_in(enclave, family), (target, 80), b"still there")
         assert received == b"<80>still there"
 

@@ -1,6 +1,6 @@
 """The tuna images' raw-proxy deployment, built in network namespaces for tests and benchmarks.
 
-    internet (S)  --veth, MTU 9001--  host (eth0: X)  ==emulated vsock==  enclave (lo: X)
+    internet (S)  --veth, MTU 9001--  host (eth0: X)  ==vsock==  enclave (lo: X)
 
 - "enclave": only ``lo``, MTU 9001, carrying the shared address X, default route
   ``dev lo src X``; the nat-free OUTPUT rule of ``reference.md`` (ipsets ``portfilter`` and
@@ -10,6 +10,10 @@
   nfqueue 0. ``ip-to-vsock-raw-incoming`` sends the queue to the enclave,
   ``vsock-to-ip-raw-outgoing`` (finding ``eth0`` by itself) sends the enclave's packets out.
 - "internet": the other end of the veth, address S, and a second address in a reserved range.
+
+The vsock between host and enclave is the emulation (CIDs 3 and 88, port 1200 both ways, as
+deployed), or real AF_VSOCK in the guest stage (one kernel: both listeners on VMADDR_CID_ANY,
+reached at CID 1, so the two links take ports 1200 and 1201).
 
 X and S are outside the reserved list (they must be, to pass the outgoing filter). That is safe
 only because these three namespaces are linked to each other and to nothing else: build()
@@ -21,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from typing import Any
 
 from tests.integration.namespaced import WAIT, NsProxy
 from tests.netns import Netns, netns, veth
+from tests.vsocks import Vsock, vsock_under_test
 
 MiB = 1 << 20
 MTU = 9001
@@ -50,14 +54,31 @@ class Deployment:
     enclave: Netns
     host: Netns
     internet: Netns
-    vsock_dir: Path
+    vsock: Vsock
     log_dir: Path
     ip_file: Path
     proxies: dict[str, NsProxy]
 
     @property
     def env(self) -> dict[str, str]:
-        return {"PF_PROXY_VSOCK_DIR": str(self.vsock_dir)}
+        return self.vsock.env
+
+    @property
+    def to_host(self) -> tuple[str, str]:
+        """The enclave->host link: (the host's listening address, the address dialled)."""
+        return (
+            self.vsock.listen_address(LINK_PORT, HOST_CID),
+            self.vsock.address(LINK_PORT, HOST_CID),
+        )
+
+    @property
+    def to_enclave(self) -> tuple[str, str]:
+        """The host->enclave link, likewise (port 1201 over real vsock: one kernel)."""
+        port = LINK_PORT + 1 if self.vsock.real else LINK_PORT
+        return (
+            self.vsock.listen_address(port, ENCLAVE_CID),
+            self.vsock.address(port, ENCLAVE_CID),
+        )
 
     def start(self, command: str) -> NsProxy:
         """Start one of the four proxies where it runs in the tuna images."""
@@ -70,15 +91,14 @@ class Deployment:
         return running
 
     def where(self, command: str) -> tuple[Netns, list[str]]:
-        link = f"{LINK_PORT}"
         return {
-            "vsock-to-ip-raw-outgoing": (self.host, ["-v", f"{HOST_CID}:{link}"]),
+            "vsock-to-ip-raw-outgoing": (self.host, ["-v", self.to_host[0]]),
             "vsock-to-ip-raw-incoming": (
                 self.enclave,
-                ["-v", f"{ENCLAVE_CID}:{link}", "-d", "lo", "--ip-file", str(self.ip_file)],
+                ["-v", self.to_enclave[0], "-d", "lo", "--ip-file", str(self.ip_file)],
             ),
-            "ip-to-vsock-raw-outgoing": (self.enclave, ["-v", f"{HOST_CID}:{link}", "-q", "0"]),
-            "ip-to-vsock-raw-incoming": (self.host, ["-v", f"{ENCLAVE_CID}:{link}", "-q", "0"]),
+            "ip-to-vsock-raw-outgoing": (self.enclave, ["-v", self.to_host[1], "-q", "0"]),
+            "ip-to-vsock-raw-incoming": (self.host, ["-v", self.to_enclave[1], "-q", "0"]),
         }[command]
 
     def kill(self, command: str) -> None:
@@ -112,8 +132,11 @@ def _ipset(ns: Netns, *args: str) -> None:
     ns.run("ipset", *args)
 
 
-def build(stack: ExitStack, tmp: Path, enclave_rule: str = "deployed") -> Deployment:
-    """The three namespaces, their addresses, routes and iptables rules as deployed."""
+def build(
+    stack: ExitStack, tmp: Path, enclave_rule: str = "deployed", vsock: Vsock | None = None
+) -> Deployment:
+    """The three namespaces, their addresses, routes and iptables rules as deployed; the
+    emulation unless `vsock` says otherwise."""
     enclave = stack.enter_context(netns("pfp-raw-enclave"))
     host = stack.enter_context(netns("pfp-raw-host"))
     internet = stack.enter_context(netns("pfp-raw-inet"))
@@ -148,16 +171,19 @@ def build(stack: ExitStack, tmp: Path, enclave_rule: str = "deployed") -> Deploy
         {"enclave": {"lo"}, "host": {"lo", "eth0"}, "internet": {"lo", "eth0"}},
     )
 
-    vsock_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pfp-rawvs-")))
+    if vsock is None:
+        vsock = stack.enter_context(vsock_under_test())
     ip_file = tmp / "ip.txt"
     ip_file.write_text(f"{SHARED}\n")
-    return Deployment(enclave, host, internet, vsock_dir, tmp, ip_file, {})
+    return Deployment(enclave, host, internet, vsock, tmp, ip_file, {})
 
 
 @contextmanager
-def deployment(tmp: Path, enclave_rule: str = "deployed") -> Iterator[Deployment]:
+def deployment(
+    tmp: Path, enclave_rule: str = "deployed", vsock: Vsock | None = None
+) -> Iterator[Deployment]:
     with ExitStack() as stack:
-        deployed = build(stack, tmp, enclave_rule)
+        deployed = build(stack, tmp, enclave_rule, vsock)
         try:
             for command in (
                 "vsock-to-ip-raw-outgoing",
