@@ -42,6 +42,8 @@ from typing import Any
 
 VSOCK_DIR_ENV = "PF_PROXY_VSOCK_DIR"
 VMADDR_CID_ANY = 0xFFFFFFFF  # linux/vm_sockets.h: listen on every local CID
+SO_VM_SOCKETS_BUFFER_SIZE = 0  # linux/vm_sockets.h (level AF_VSOCK)
+SO_VM_SOCKETS_BUFFER_MAX_SIZE = 2  # linux/vm_sockets.h
 U32_MAX = 0xFFFFFFFF
 DEFAULT_BACKLOG = 1024
 
@@ -200,11 +202,39 @@ def _listen(sock: socket.socket, address: object, backlog: int) -> socket.socket
 
 
 class VsockEndpoint:
-    """A vsock address, real or emulated by a Unix socket in `emulation_dir`."""
+    """A vsock address, real or emulated by a Unix socket in `emulation_dir`.
 
-    def __init__(self, address: VsockAddress, emulation_dir: Path | None) -> None:
+    `buffer_size` (bytes), when given, is each real vsock socket's SO_VM_SOCKETS_BUFFER_SIZE:
+    the receive buffer that caps one connection's bytes in flight (vsock's flow control is
+    credit based). It is set on the listener before accept (accepted sockets inherit it) and
+    on a connecting socket before connect. The emulation has no such buffer and ignores it.
+    """
+
+    def __init__(
+        self, address: VsockAddress, emulation_dir: Path | None, buffer_size: int | None = None
+    ) -> None:
         self.address = address
         self.emulation_dir = emulation_dir
+        self.buffer_size = buffer_size
+
+    def at_port(self, port: int) -> VsockEndpoint:
+        """The same CID, emulation and buffer size, another port."""
+        return VsockEndpoint(
+            VsockAddress(self.address.cid, port), self.emulation_dir, self.buffer_size
+        )
+
+    def _vsock_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        if self.buffer_size is not None:
+            try:
+                # The maximum first: a size above it is silently clamped. Integers only, as
+                # CPython passes every AF_VSOCK option as a 64-bit value.
+                sock.setsockopt(socket.AF_VSOCK, SO_VM_SOCKETS_BUFFER_MAX_SIZE, self.buffer_size)
+                sock.setsockopt(socket.AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, self.buffer_size)
+            except BaseException:
+                sock.close()
+                raise
+        return sock
 
     def __str__(self) -> str:
         return f"vsock {self.address}"
@@ -222,7 +252,7 @@ class VsockEndpoint:
         """A bound, listening, non-blocking socket; `BindError` names the address."""
         try:
             if self.emulation_dir is None:
-                sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+                sock = self._vsock_socket()
                 return _listen(sock, (self.address.cid, self.address.port), backlog)
             path = self.socket_path()
             _remove_stale_socket(path)
@@ -239,7 +269,7 @@ class VsockEndpoint:
         the error means for vsock (ECONNRESET: nobody listens, or the backlog is full)."""
         try:
             if self.emulation_dir is None:
-                sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+                sock = self._vsock_socket()
                 try:
                     await connect_socket(sock, (self.address.cid, self.address.port))
                 except BaseException:
@@ -425,5 +455,6 @@ def emulation_dir_from_env() -> Path | None:
     return Path(value) if value else None
 
 
-def vsock_endpoint(address: VsockAddress) -> VsockEndpoint:
-    return VsockEndpoint(address, emulation_dir_from_env())
+def vsock_endpoint(address: VsockAddress, buffer_size: int | None = None) -> VsockEndpoint:
+    """A vsock endpoint, emulated when PF_PROXY_VSOCK_DIR is set."""
+    return VsockEndpoint(address, emulation_dir_from_env(), buffer_size)

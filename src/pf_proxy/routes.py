@@ -23,7 +23,6 @@ from pf_proxy.endpoints import (
     Endpoint,
     IpAddress,
     IpEndpoint,
-    VsockAddress,
     VsockEndpoint,
     peer_close_is_eof,
 )
@@ -90,13 +89,13 @@ def with_destination_header(endpoint: VsockEndpoint) -> Route:
     return route
 
 
-def to_original_port(cid: int, template: VsockEndpoint) -> Route:
-    """transparent-port-to-vsock: vsock CID:<original destination port>."""
+def to_original_port(template: VsockEndpoint) -> Route:
+    """transparent-port-to-vsock: vsock CID:<original destination port> (the template's CID)."""
 
     async def route(inbound: socket.socket) -> Upstream:
         destination = original_destination(inbound)
         log.info("Original destination: %s", destination)
-        endpoint = VsockEndpoint(VsockAddress(cid, destination.port), template.emulation_dir)
+        endpoint = template.at_port(destination.port)
         log.info("Proxying to: %s", endpoint)
         return Upstream(await endpoint.connect(), str(endpoint))
 

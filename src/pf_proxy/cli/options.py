@@ -63,6 +63,7 @@ __all__ = [
     "WholeNumber",
     "command",
     "timeouts",
+    "vsock_buffer",
 ]
 
 # The longest timeout or interval any option takes: 365 days. A NaN delay makes the event
@@ -190,3 +191,25 @@ def timeouts(func: F) -> F:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+# The receive buffer of every vsock socket a command opens (SO_VM_SOCKETS_BUFFER_SIZE).
+# None: the kernel's default, 256 KiB. See the README's Performance section for what larger
+# buffers did to one stream over real vsock.
+DEFAULT_VSOCK_BUFFER_SIZE: int | None = None
+MIN_VSOCK_BUFFER_SIZE = 4096
+MAX_VSOCK_BUFFER_SIZE = 64 << 20
+
+
+def vsock_buffer(func: F) -> F:
+    """--vsock-buffer-size (an addition; the default is the kernel's)."""
+    return click.option(
+        "--vsock-buffer-size",
+        type=WholeNumber(MIN_VSOCK_BUFFER_SIZE, MAX_VSOCK_BUFFER_SIZE, metavar="BYTES"),
+        default=DEFAULT_VSOCK_BUFFER_SIZE,
+        show_default="the kernel's, 256 KiB" if DEFAULT_VSOCK_BUFFER_SIZE is None else True,
+        metavar="BYTES",
+        help="Receive buffer of each vsock socket (SO_VM_SOCKETS_BUFFER_SIZE): it caps the "
+        "bytes in flight on one vsock connection, so one stream's throughput. Memory is "
+        "used only while bytes wait to be read. No effect on the emulation.",
+    )(func)

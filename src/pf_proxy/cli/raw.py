@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
 from pf_proxy import runtime
-from pf_proxy.cli.options import VSOCK_ADDRESS, F, Seconds, WholeNumber, command
+from pf_proxy.cli.options import VSOCK_ADDRESS, F, Seconds, WholeNumber, command, vsock_buffer
 from pf_proxy.endpoints import VsockAddress, vsock_endpoint
 from pf_proxy.raw import forward
 from pf_proxy.raw.addresses import (
@@ -50,7 +50,9 @@ QUEUE_NUM = click.option(
 
 
 def _service_options(func: F) -> F:
-    """--stats-interval and --drain-timeout (additions with faithful defaults)."""
+    """--stats-interval, --drain-timeout and --vsock-buffer-size (additions with faithful
+    defaults)."""
+    func = vsock_buffer(func)
     func = click.option(
         "--drain-timeout",
         type=Seconds(zero=True),
@@ -70,12 +72,18 @@ def _service_options(func: F) -> F:
 
 
 def _queue_to_vsock(
-    name: str, vsock_addr: VsockAddress, queue_num: int, stats_interval: float, drain_timeout: float
+    name: str,
+    vsock_addr: VsockAddress,
+    queue_num: int,
+    stats_interval: float,
+    drain_timeout: float,
+    vsock_buffer_size: int | None,
 ) -> None:
     runtime.start_logging()
+    link = vsock_endpoint(vsock_addr, vsock_buffer_size)
 
     async def main() -> int:
-        forwarder = forward.QueueToVsock(queue_num, vsock_endpoint(vsock_addr))
+        forwarder = forward.QueueToVsock(queue_num, link)
         log.info("Proxying to: %s", forwarder.endpoint)
         return await forward.serve(forwarder, name, stats_interval, drain_timeout)
 
@@ -89,7 +97,7 @@ def _queue_to_vsock(
 @VSOCK_TARGET
 @QUEUE_NUM
 @_service_options
-def ip_to_vsock_raw_incoming(vsock_addr: VsockAddress, queue_num: int, **service: float) -> None:
+def ip_to_vsock_raw_incoming(vsock_addr: VsockAddress, queue_num: int, **service: Any) -> None:
     _queue_to_vsock("ip-to-vsock-raw-incoming", vsock_addr, queue_num, **service)
 
 
@@ -100,7 +108,7 @@ def ip_to_vsock_raw_incoming(vsock_addr: VsockAddress, queue_num: int, **service
 @VSOCK_TARGET
 @QUEUE_NUM
 @_service_options
-def ip_to_vsock_raw_outgoing(vsock_addr: VsockAddress, queue_num: int, **service: float) -> None:
+def ip_to_vsock_raw_outgoing(vsock_addr: VsockAddress, queue_num: int, **service: Any) -> None:
     _queue_to_vsock("ip-to-vsock-raw-outgoing", vsock_addr, queue_num, **service)
 
 
@@ -111,9 +119,12 @@ def _vsock_to_device(
     policy: IncomingPolicy | OutgoingPolicy,
     stats_interval: float,
     drain_timeout: float,
+    vsock_buffer_size: int | None,
 ) -> None:
+    listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
+
     async def main() -> int:
-        forwarder = forward.VsockToDevice(vsock_endpoint(vsock_addr), device, policy.check)
+        forwarder = forward.VsockToDevice(listen, device, policy.check)
         log.info("Proxying to: device %s", device)
         return await forward.serve(forwarder, name, stats_interval, drain_timeout)
 
@@ -143,7 +154,7 @@ def _fail(exc: Exception) -> NoReturn:
 )
 @_service_options
 def vsock_to_ip_raw_incoming(
-    vsock_addr: VsockAddress, device: str, ip_file: Path, **service: float
+    vsock_addr: VsockAddress, device: str, ip_file: Path, **service: Any
 ) -> None:
     runtime.start_logging()
     try:
@@ -171,7 +182,7 @@ def vsock_to_ip_raw_incoming(
 )
 @_service_options
 def vsock_to_ip_raw_outgoing(
-    vsock_addr: VsockAddress, device: str | None, **service: float
+    vsock_addr: VsockAddress, device: str | None, **service: Any
 ) -> None:
     runtime.start_logging()
     try:

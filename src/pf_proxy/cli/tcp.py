@@ -18,6 +18,7 @@ from pf_proxy.cli.options import (
     VSOCK_ADDRESS,
     command,
     timeouts,
+    vsock_buffer,
 )
 from pf_proxy.endpoints import (
     Endpoint,
@@ -86,10 +87,13 @@ def _run(
     help="IP address of the upstream target <ip:port> (or host:port), e.g. 127.0.0.1:8080",
 )
 @timeouts
-def vsock_to_ip(vsock_addr: VsockAddress, ip_addr: IpAddress, **timeout: float) -> None:
+@vsock_buffer
+def vsock_to_ip(
+    vsock_addr: VsockAddress, ip_addr: IpAddress, vsock_buffer_size: int | None, **timeout: float
+) -> None:
     upstream = IpEndpoint(ip_addr)
     _run(
-        vsock_endpoint(vsock_addr),
+        vsock_endpoint(vsock_addr, vsock_buffer_size),
         lambda: routes.fixed(upstream),
         "vsock to ip",
         "ip to vsock",
@@ -101,8 +105,11 @@ def vsock_to_ip(vsock_addr: VsockAddress, ip_addr: IpAddress, **timeout: float) 
 @IP_LISTEN
 @VSOCK_TARGET
 @timeouts
-def ip_to_vsock(ip_addr: IpAddress, vsock_addr: VsockAddress, **timeout: float) -> None:
-    upstream = vsock_endpoint(vsock_addr)
+@vsock_buffer
+def ip_to_vsock(
+    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int | None, **timeout: float
+) -> None:
+    upstream = vsock_endpoint(vsock_addr, vsock_buffer_size)
     _run(
         IpEndpoint(ip_addr), lambda: routes.fixed(upstream), "ip to vsock", "vsock to ip", **timeout
     )
@@ -137,10 +144,12 @@ def ip_to_vsock(ip_addr: IpAddress, vsock_addr: VsockAddress, **timeout: float) 
     "--allow), e.g. 169.254.0.0/16 for the instance metadata service.",
 )
 @timeouts
+@vsock_buffer
 def vsock_to_ip_transparent(
     vsock_addr: VsockAddress,
     allow: tuple[IpNetwork, ...],
     deny: tuple[IpNetwork, ...],
+    vsock_buffer_size: int | None,
     **timeout: float,
 ) -> None:
     policy = AccessPolicy(allow, deny)
@@ -149,7 +158,8 @@ def vsock_to_ip_transparent(
         log.info("Destinations: %s", policy.describe())
         return routes.from_destination_header(lambda dst: policy.permits(dst.address))
 
-    _run(vsock_endpoint(vsock_addr), make_route, "vsock to ip", "ip to vsock", **timeout)
+    listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
+    _run(listen, make_route, "vsock to ip", "ip to vsock", **timeout)
 
 
 @command(
@@ -166,8 +176,11 @@ def vsock_to_ip_transparent(
     help="vsock address of the upstream transparent proxy receiver <cid:port>, e.g. 3:1200",
 )
 @timeouts
-def ip_to_vsock_transparent(ip_addr: IpAddress, vsock_addr: VsockAddress, **timeout: float) -> None:
-    upstream = vsock_endpoint(vsock_addr)
+@vsock_buffer
+def ip_to_vsock_transparent(
+    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int | None, **timeout: float
+) -> None:
+    upstream = vsock_endpoint(vsock_addr, vsock_buffer_size)
     _run(
         IpEndpoint(ip_addr),
         lambda: routes.with_destination_header(upstream),
@@ -191,11 +204,14 @@ def ip_to_vsock_transparent(ip_addr: IpAddress, vsock_addr: VsockAddress, **time
     help="CID of the upstream vsock side (the port is the original one), e.g. 88",
 )
 @timeouts
-def transparent_port_to_vsock(ip_addr: IpAddress, cid: int, **timeout: float) -> None:
-    template = vsock_endpoint(VsockAddress(cid, 0))
+@vsock_buffer
+def transparent_port_to_vsock(
+    ip_addr: IpAddress, cid: int, vsock_buffer_size: int | None, **timeout: float
+) -> None:
+    template = vsock_endpoint(VsockAddress(cid, 0), vsock_buffer_size)
     _run(
         IpEndpoint(ip_addr),
-        lambda: routes.to_original_port(cid, template),
+        lambda: routes.to_original_port(template),
         "port to vsock",
         "vsock to port",
         **timeout,
