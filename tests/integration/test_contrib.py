@@ -18,7 +18,7 @@ from typing import Any
 import click
 import pytest
 
-from pf_proxy.access import AccessPolicy, parse_cidr
+from pf_proxy.tcp.access import AccessPolicy, parse_cidr
 
 CONTRIB = Path(__file__).parents[2] / "contrib"
 UNITS = sorted((CONTRIB / "systemd").glob("*.service"))

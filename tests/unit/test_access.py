@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pf_proxy.access import AccessPolicy, CidrError, parse_cidr
+from pf_proxy.tcp.access import AccessPolicy, CidrError, parse_cidr
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pf_proxy.dstheader import (
+from pf_proxy.tcp.dstheader import (
     Destination,
     HeaderError,
     decode_destination,

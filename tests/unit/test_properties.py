@@ -27,13 +27,6 @@ from ipaddress import IPv4Address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pf_proxy.dstheader import (
-    Destination,
-    HeaderError,
-    decode_destination,
-    encode_destination,
-    header_size,
-)
 from pf_proxy.endpoints import (
     U32_MAX,
     AddressError,
@@ -51,7 +44,14 @@ from pf_proxy.raw.policy import (
     IncomingPolicy,
     OutgoingPolicy,
 )
-from pf_proxy.routes import read_destination_header
+from pf_proxy.tcp.dstheader import (
+    Destination,
+    HeaderError,
+    decode_destination,
+    encode_destination,
+    header_size,
+)
+from pf_proxy.tcp.routes import read_destination_header
 from tests.unit.test_framing import oracle as framing_oracle
 
 

@@ -9,8 +9,8 @@ import tracemalloc
 
 import pytest
 
-from pf_proxy import relay as relay_module
-from pf_proxy.relay import COPY_CHUNK, Relay
+from pf_proxy.tcp import relay as relay_module
+from pf_proxy.tcp.relay import COPY_CHUNK, Relay
 
 MiB = 1 << 20
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from pf_proxy import engine
 from pf_proxy.endpoints import (
     ConnectError,
     VsockAddress,
@@ -26,8 +25,9 @@ from pf_proxy.endpoints import (
     close_abortively,
     peer_close_is_eof,
 )
-from pf_proxy.relay import Relay
-from pf_proxy.routes import Upstream
+from pf_proxy.tcp import engine
+from pf_proxy.tcp.relay import Relay
+from pf_proxy.tcp.routes import Upstream
 
 WAIT = 5.0
 

@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 import click
 
 from pf_proxy import __version__
-from pf_proxy.access import CidrError, parse_cidr
 from pf_proxy.endpoints import (
     AddressError,
     IpAddress,
@@ -19,6 +18,7 @@ from pf_proxy.endpoints import (
     parse_ip_address,
     parse_vsock_address,
 )
+from pf_proxy.tcp.access import CidrError, parse_cidr
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -8,8 +8,7 @@ from collections.abc import Callable
 
 import click
 
-from pf_proxy import engine, routes, runtime
-from pf_proxy.access import AccessPolicy, IpNetwork
+from pf_proxy import runtime
 from pf_proxy.cli.options import (
     CID,
     CIDR,
@@ -27,6 +26,8 @@ from pf_proxy.endpoints import (
     VsockAddress,
     vsock_endpoint,
 )
+from pf_proxy.tcp import engine, routes
+from pf_proxy.tcp.access import AccessPolicy, IpNetwork
 
 log = logging.getLogger("pf_proxy")
 

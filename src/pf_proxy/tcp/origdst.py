@@ -18,7 +18,7 @@ import ipaddress
 import socket
 import struct
 
-from pf_proxy.dstheader import Destination
+from pf_proxy.tcp.dstheader import Destination
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h

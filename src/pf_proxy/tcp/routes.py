@@ -12,13 +12,6 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from pf_proxy.dstheader import (
-    Destination,
-    HeaderError,
-    decode_destination,
-    encode_destination,
-    header_size,
-)
 from pf_proxy.endpoints import (
     Endpoint,
     IpAddress,
@@ -26,7 +19,14 @@ from pf_proxy.endpoints import (
     VsockEndpoint,
     peer_close_is_eof,
 )
-from pf_proxy.origdst import original_destination
+from pf_proxy.tcp.dstheader import (
+    Destination,
+    HeaderError,
+    decode_destination,
+    encode_destination,
+    header_size,
+)
+from pf_proxy.tcp.origdst import original_destination
 
 log = logging.getLogger("pf_proxy")
 

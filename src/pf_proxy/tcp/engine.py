@@ -24,11 +24,11 @@ import signal
 import socket
 from dataclasses import dataclass
 
-from pf_proxy.dstheader import HeaderError
 from pf_proxy.endpoints import BindError, Endpoint, close_abortively
-from pf_proxy.relay import Relay
-from pf_proxy.routes import DeniedDestination, Route
 from pf_proxy.runtime import systemd_notify
+from pf_proxy.tcp.dstheader import HeaderError
+from pf_proxy.tcp.relay import Relay
+from pf_proxy.tcp.routes import DeniedDestination, Route
 
 log = logging.getLogger("pf_proxy")
 

@@ -1,0 +1,5 @@
+"""The TCP data plane: the five pf-proxy commands' relay over one set of endpoints.
+
+`dstheader`, `access` are pure; `origdst` is the one Linux NAT lookup; `relay` is the hot loop;
+`routes` says where each command's connections go; `engine` accepts and handles them.
+"""
