@@ -31,15 +31,25 @@ VMADDR_CID_LOCAL = 1
 EMULATED_CID = 88
 
 
-def in_guest() -> bool:
-    """True only inside the guest stage's QEMU guest (its init sets the variable, and only
-    its kernel command line carries the mark)."""
+def _in_guest() -> bool:
     if os.environ.get(GUEST_ENV) != "1":
         return False
     try:
         return GUEST_CMDLINE_MARK in Path("/proc/cmdline").read_text().split()
     except OSError:
         return False
+
+
+def in_guest() -> bool:
+    """True only inside the guest stage's QEMU guest (its init sets the variable, and only
+    its kernel command line carries the mark)."""
+    return IN_GUEST
+
+
+IN_GUEST = _in_guest()
+# How much longer a step may take in the guest: it runs under software emulation on machines
+# without hardware virtualization (these: 5-20x slower than native, a Python start 2-3 s).
+SLOWDOWN = 5.0 if IN_GUEST else 1.0
 
 
 @dataclass

@@ -17,6 +17,8 @@ from typing import Any
 
 import click
 
+from tests.vsocks import SLOWDOWN
+
 RAW_COMMANDS = [  # the four raw-proxy console scripts
     "ip-to-vsock-raw-incoming",
     "ip-to-vsock-raw-outgoing",
@@ -49,7 +51,7 @@ class Proxy:
         log_dir: Path,
         env: dict[str, str] | None = None,
         prefix: Sequence[str] = (),
-        timeout: float = 10,
+        timeout: float = 10 * SLOWDOWN,
     ) -> None:
         self.args = list(args)
         self.timeout = timeout

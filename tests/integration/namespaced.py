@@ -28,8 +28,9 @@ from tests.integration.helpers import (
     listening_socket,
 )
 from tests.netns import Netns
+from tests.vsocks import SLOWDOWN
 
-WAIT = 15.0  # seconds any single step may take before the test fails
+WAIT = 15.0 * SLOWDOWN  # seconds any single step may take before the test fails
 TRANSPARENT_PORT = 1200  # where the transparent listeners listen; REDIRECT rules point here
 
 T = TypeVar("T")

@@ -39,12 +39,12 @@ from tests.integration.helpers import (
     socket_fds,
     wait_until,
 )
-from tests.vsocks import Vsock
+from tests.vsocks import SLOWDOWN, Vsock
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(300)]
 
 MiB = 1 << 20
-WAIT = 30.0  # the longest any single step may take before the test fails
+WAIT = 30.0 * SLOWDOWN  # the longest any single step may take before the test fails
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
