@@ -1,14 +1,20 @@
-# make test   install everything (system packages when root, a virtualenv) and run the suite
-# make demo   install, then a short live demonstration with emulated vsock
-# make bench  install, then the benchmarks (numbers, never pass/fail)
+# make test        install everything (system packages when root, a virtualenv) and run the
+#                  suite: on this machine (vsock emulated), then the guest stage: the tests
+#                  marked `guest` or `vsock` in a throw-away QEMU guest with real AF_VSOCK
+# make test-guest  only the guest stage
+# make demo        install, then a short live demonstration with emulated vsock
+# make bench       install, then the benchmarks (numbers, never pass/fail)
+# make bench-guest the pair over real vsock against socat over vsock, in the guest
+#                  (benchmarks/vsockpath.py; results in benchmarks/results-vsock.md)
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := iptables ipset iproute2 socat iperf3 python3-venv
+SYSTEM_PACKAGES := iptables ipset iproute2 socat iperf3 curl python3-venv \
+	qemu-system-x86 busybox-static cpio kmod
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: test demo bench system-packages lint clean
+.PHONY: test test-guest demo bench bench-guest system-packages lint clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(MAKE) --no-print-directory system-packages
@@ -34,7 +40,16 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy src
 
 test: lint
-	$(BIN)/python -m pytest tests -ra
+	$(BIN)/python -m pytest tests -ra -m "not guest"
+	@$(MAKE) --no-print-directory test-guest
+
+# The guest stage (tests/vsock/guest.py): pytest, tests selected by the marker expression
+# GUEST_TESTS, in a QEMU guest with real AF_VSOCK. Exit 77 from the harness means "cannot run
+# here" (it says why): a skip, unless PF_PROXY_REQUIRE_GUEST=1 (.ci/run) makes it a failure.
+GUEST_TESTS ?= guest or vsock
+test-guest: $(BIN)/.installed
+	$(BIN)/python -m tests.vsock.guest -- $(BIN)/python -m pytest -m "$(GUEST_TESTS)" tests -ra \
+		|| [ $$? -eq 77 ]
 
 demo: $(BIN)/.installed
 	$(BIN)/python scripts/demo.py
@@ -42,5 +57,10 @@ demo: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python -m benchmarks
 
+bench-guest: $(BIN)/.installed
+	$(BIN)/python -m tests.vsock.guest --collect benchmarks -- \
+		sh -c '$(BIN)/python -m benchmarks.vsockpath --output "$$PF_PROXY_GUEST_COLLECT/results-vsock.md"'
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+		.cache/vsock-guest

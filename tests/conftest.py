@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.vsock import require_guest
 from tests.vsocks import Vsock, in_guest, vsock_under_test
 
 REQUIRE_ROOT_TESTS = os.environ.get("PF_PROXY_REQUIRE_ROOT_TESTS") == "1"
@@ -29,8 +30,8 @@ def _missing_root_requirement() -> str | None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("guest") is not None and not in_guest():
-        pytest.skip("needs real AF_VSOCK: runs inside the guest stage (make test-guest)")
+    if item.get_closest_marker("guest") is not None:
+        require_guest()  # outside the guest: a skip, a failure under PF_PROXY_REQUIRE_GUEST=1
     if item.get_closest_marker("root") is None:
         return
     reason = _missing_root_requirement()

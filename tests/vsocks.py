@@ -14,7 +14,6 @@ Unix socket per CID and port). Real, they listen on VMADDR_CID_ANY and are reach
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -24,29 +23,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GUEST_ENV = "PF_PROXY_GUEST"
-GUEST_CMDLINE_MARK = "pf_proxy_guest=1"
+from tests.vsock import in_guest as _probe_guest
+
 VMADDR_CID_ANY = 0xFFFFFFFF
 VMADDR_CID_LOCAL = 1
 EMULATED_CID = 88
 
 
-def _in_guest() -> bool:
-    if os.environ.get(GUEST_ENV) != "1":
-        return False
-    try:
-        return GUEST_CMDLINE_MARK in Path("/proc/cmdline").read_text().split()
-    except OSError:
-        return False
-
-
 def in_guest() -> bool:
-    """True only inside the guest stage's QEMU guest (its init sets the variable, and only
-    its kernel command line carries the mark)."""
+    """True only inside the guest stage's QEMU guest (tests/vsock)."""
     return IN_GUEST
 
 
-IN_GUEST = _in_guest()
+IN_GUEST = _probe_guest()
 # How much longer a step may take in the guest: it runs under software emulation on machines
 # without hardware virtualization (these: 5-20x slower than native, a Python start 2-3 s).
 SLOWDOWN = 5.0 if IN_GUEST else 1.0
