@@ -7,6 +7,10 @@ A *pair* is what a client connects to on its way to a server on 127.0.0.1:
              backlog 1024 like ours, not socat's default 5)
     splice   ip-to-vsock -> emulated vsock -> vsock-to-ip
     copy     the same with PF_PROXY_NO_SPLICE=1 (the user-space copy path)
+    vsock    ip-to-vsock -> real AF_VSOCK (CID 1) -> vsock-to-ip: inside the guest stage only
+    vsock-copy   the same with PF_PROXY_NO_SPLICE=1
+    socat-vsock  socat TCP-LISTEN ... VSOCK-CONNECT:1:P  ->  socat VSOCK-LISTEN:P ... TCP
+             (backlog 1024): inside the guest stage only
 
 Every long-running process is started under `timeout`, so it ends by itself even if the
 benchmark is killed; normally the benchmark stops it first, by pid.
@@ -27,8 +31,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.vsocks import in_guest
+
 LIFETIME = 1200  # seconds: hard upper bound for any server or proxy process
 VSOCK_CID = 88
+VMADDR_CID_ANY = 0xFFFFFFFF
 _names = itertools.count()
 
 
@@ -141,30 +148,55 @@ def iperf3_server(workdir: Path) -> Iterator[int]:
 
 
 @contextmanager
-def pair(kind: str, target_port: int, workdir: Path) -> Iterator[Pair]:
-    """Start the pair `kind` in front of 127.0.0.1:`target_port`."""
+def pair(
+    kind: str, target_port: int, workdir: Path, vsock_buffer_size: int | None = None
+) -> Iterator[Pair]:
+    """Start the pair `kind` in front of 127.0.0.1:`target_port` (`vsock_buffer_size`: the
+    `vsock` pair's --vsock-buffer-size)."""
     if kind == "direct":
         yield Pair(kind, target_port)
     elif kind == "socat":
         with _socat_pair(target_port, workdir) as started:
             yield started
-    elif kind in ("splice", "copy"):
-        with _our_pair(target_port, workdir, use_splice=kind == "splice") as started:
+    elif kind == "socat-vsock":
+        with _socat_vsock_pair(target_port, workdir) as started:
+            yield started
+    elif kind in ("splice", "copy", "vsock", "vsock-copy"):
+        extra = [] if vsock_buffer_size is None else ["--vsock-buffer-size", str(vsock_buffer_size)]
+        with _our_pair(
+            target_port,
+            workdir,
+            use_splice=not kind.endswith("copy"),
+            real_vsock=kind.startswith("vsock"),
+            extra=extra,
+        ) as started:
             started.kind = kind
             yield started
     else:
         raise ValueError(f"unknown pair {kind!r}")
 
 
+def _require_guest() -> None:
+    # Real AF_VSOCK only inside the guest stage: this machine's vsock is the infrastructure's.
+    if not in_guest():
+        raise RuntimeError("real vsock pairs run only inside the guest stage (make bench-guest)")
+
+
 @contextmanager
-def _our_pair(target_port: int, workdir: Path, *, use_splice: bool) -> Iterator[Pair]:
+def _our_pair(
+    target_port: int, workdir: Path, *, use_splice: bool, real_vsock: bool, extra: list[str]
+) -> Iterator[Pair]:
     port, vsock_port = free_port(), free_port()
     env = {"PF_PROXY_VSOCK_DIR": str(workdir)}
+    listen_address = connect_address = f"{VSOCK_CID}:{vsock_port}"
+    if real_vsock:
+        _require_guest()
+        env = {"PF_PROXY_VSOCK_DIR": ""}  # empty: real AF_VSOCK
+        listen_address, connect_address = f"{VMADDR_CID_ANY}:{vsock_port}", f"1:{vsock_port}"
     if not use_splice:
         env["PF_PROXY_NO_SPLICE"] = "1"
-    vsock_address = f"{VSOCK_CID}:{vsock_port}"
-    inner = ["vsock-to-ip", "-v", vsock_address, "-i", f"127.0.0.1:{target_port}"]
-    outer = ["ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", vsock_address]
+    inner = ["vsock-to-ip", "-v", listen_address, "-i", f"127.0.0.1:{target_port}", *extra]
+    outer = ["ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", connect_address, *extra]
     with process(inner, workdir, env) as inner_proc, process(outer, workdir, env) as outer_proc:
         for started in (inner_proc, outer_proc):
             wait_until(lambda s=started: s.said("Listening on:"), f"{started.proc.args}")
@@ -185,6 +217,22 @@ def _socat_pair(target_port: int, workdir: Path) -> Iterator[Pair]:
             wait_until(lambda: tcp_listening(port), "socat TCP-LISTEN")
             pids = {"socat tcp": outer_proc.command_pid(), "socat unix": inner_proc.command_pid()}
             yield Pair("socat", port, pids)
+
+
+@contextmanager
+def _socat_vsock_pair(target_port: int, workdir: Path) -> Iterator[Pair]:
+    _require_guest()
+    port, vsock_port = free_port(), free_port()
+    listen_vsock = f"VSOCK-LISTEN:{vsock_port},fork,backlog=1024"
+    inner = ["socat", listen_vsock, f"TCP:127.0.0.1:{target_port}"]
+    listen = f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024"
+    outer = ["socat", listen, f"VSOCK-CONNECT:1:{vsock_port}"]
+    with process(inner, workdir) as inner_proc:
+        time.sleep(0.5)  # no file to wait for; socat listens at once
+        with process(outer, workdir) as outer_proc:
+            wait_until(lambda: tcp_listening(port), "socat TCP-LISTEN")
+            pids = {"socat tcp": outer_proc.command_pid(), "socat vsock": inner_proc.command_pid()}
+            yield Pair("socat-vsock", port, pids)
 
 
 # --- memory -----------------------------------------------------------------------------------

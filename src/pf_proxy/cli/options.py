@@ -193,21 +193,24 @@ def timeouts(func: F) -> F:
     return func
 
 
-# The receive buffer of every vsock socket a command opens (SO_VM_SOCKETS_BUFFER_SIZE).
-# None: the kernel's default, 256 KiB. See the README's Performance section for what larger
-# buffers did to one stream over real vsock.
-DEFAULT_VSOCK_BUFFER_SIZE: int | None = None
+# The receive buffer of every vsock socket a command opens (SO_VM_SOCKETS_BUFFER_SIZE; the
+# kernel's default is 256 KiB). It caps one vsock connection's bytes in flight: over real vsock
+# in the guest stage one stream through the pair carried 1.13x as much at 1 MiB and 1.61x at
+# 4 MiB (benchmarks/results-vsock.md, medians of 3). It costs memory only while bytes wait to
+# be read (an idle connection: nothing), at most this much per direction of a stalled
+# connection: less than a TCP socket may hold by default (net.ipv4.tcp_rmem's 6 MiB).
+DEFAULT_VSOCK_BUFFER_SIZE = 4 << 20
 MIN_VSOCK_BUFFER_SIZE = 4096
 MAX_VSOCK_BUFFER_SIZE = 64 << 20
 
 
 def vsock_buffer(func: F) -> F:
-    """--vsock-buffer-size (an addition; the default is the kernel's)."""
+    """--vsock-buffer-size (an addition)."""
     return click.option(
         "--vsock-buffer-size",
         type=WholeNumber(MIN_VSOCK_BUFFER_SIZE, MAX_VSOCK_BUFFER_SIZE, metavar="BYTES"),
         default=DEFAULT_VSOCK_BUFFER_SIZE,
-        show_default="the kernel's, 256 KiB" if DEFAULT_VSOCK_BUFFER_SIZE is None else True,
+        show_default="4 MiB",
         metavar="BYTES",
         help="Receive buffer of each vsock socket (SO_VM_SOCKETS_BUFFER_SIZE): it caps the "
         "bytes in flight on one vsock connection, so one stream's throughput. Memory is "

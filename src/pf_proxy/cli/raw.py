@@ -77,7 +77,7 @@ def _queue_to_vsock(
     queue_num: int,
     stats_interval: float,
     drain_timeout: float,
-    vsock_buffer_size: int | None,
+    vsock_buffer_size: int,
 ) -> None:
     runtime.start_logging()
     link = vsock_endpoint(vsock_addr, vsock_buffer_size)
@@ -119,7 +119,7 @@ def _vsock_to_device(
     policy: IncomingPolicy | OutgoingPolicy,
     stats_interval: float,
     drain_timeout: float,
-    vsock_buffer_size: int | None,
+    vsock_buffer_size: int,
 ) -> None:
     listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
 

@@ -90,7 +90,7 @@ def _run(
 @timeouts
 @vsock_buffer
 def vsock_to_ip(
-    vsock_addr: VsockAddress, ip_addr: IpAddress, vsock_buffer_size: int | None, **timeout: float
+    vsock_addr: VsockAddress, ip_addr: IpAddress, vsock_buffer_size: int, **timeout: float
 ) -> None:
     upstream = IpEndpoint(ip_addr)
     _run(
@@ -108,7 +108,7 @@ def vsock_to_ip(
 @timeouts
 @vsock_buffer
 def ip_to_vsock(
-    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int | None, **timeout: float
+    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **timeout: float
 ) -> None:
     upstream = vsock_endpoint(vsock_addr, vsock_buffer_size)
     _run(
@@ -150,7 +150,7 @@ def vsock_to_ip_transparent(
     vsock_addr: VsockAddress,
     allow: tuple[IpNetwork, ...],
     deny: tuple[IpNetwork, ...],
-    vsock_buffer_size: int | None,
+    vsock_buffer_size: int,
     **timeout: float,
 ) -> None:
     policy = AccessPolicy(allow, deny)
@@ -179,7 +179,7 @@ def vsock_to_ip_transparent(
 @timeouts
 @vsock_buffer
 def ip_to_vsock_transparent(
-    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int | None, **timeout: float
+    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **timeout: float
 ) -> None:
     upstream = vsock_endpoint(vsock_addr, vsock_buffer_size)
     _run(
@@ -207,7 +207,7 @@ def ip_to_vsock_transparent(
 @timeouts
 @vsock_buffer
 def transparent_port_to_vsock(
-    ip_addr: IpAddress, cid: int, vsock_buffer_size: int | None, **timeout: float
+    ip_addr: IpAddress, cid: int, vsock_buffer_size: int, **timeout: float
 ) -> None:
     template = vsock_endpoint(VsockAddress(cid, 0), vsock_buffer_size)
     _run(
