@@ -11,7 +11,6 @@ import configparser
 import shlex
 import shutil
 import subprocess
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import click
 import pytest
 
 from pf_proxy.tcp.access import AccessPolicy, parse_cidr
+from tests.integration.helpers import console_scripts
 
 CONTRIB = Path(__file__).parents[2] / "contrib"
 UNITS = sorted((CONTRIB / "systemd").glob("*.service"))
@@ -28,12 +28,7 @@ RAW_CAPABILITIES = {"CAP_NET_ADMIN", "CAP_NET_RAW"}
 
 def commands() -> dict[str, click.Command]:
     """The project's console scripts, loaded."""
-    found = {}
-    for entry in entry_points(group="console_scripts"):
-        if entry.value.startswith("pf_proxy."):
-            command = entry.load()
-            assert isinstance(command, click.Command), entry
-            found[entry.name] = command
+    found = console_scripts()
     assert len(found) == 9, sorted(found)
     return found
 

@@ -70,6 +70,13 @@ def holding_steady(vsock: Vsock, *proxies: Proxy) -> Iterator[None]:
         ) from None
 
 
+@contextmanager
+def steady_proxy(vsock: Vsock, *args: str, log_dir: Path) -> Iterator[Proxy]:
+    """The console script `args` over `vsock`, ready; held to `holding_steady` at the end."""
+    with running(*args, log_dir=log_dir, env=vsock.env) as proxy, holding_steady(vsock, proxy):
+        yield proxy
+
+
 def tcp_client(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=WAIT)
 
@@ -105,11 +112,10 @@ def test_a_vsock_upstream_closing_with_bytes_unread_ends_the_stream(
     port = free_port()
     with (
         vsock.listener(5000) as listener,
-        running(
-            "ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", vsock.address(5000),
-            log_dir=tmp_path, env=vsock.env,
+        steady_proxy(
+            vsock, "ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", vsock.address(5000),
+            log_dir=tmp_path,
         ) as proxy,
-        holding_steady(vsock, proxy),
         tcp_client(port) as client,
     ):  # fmt: skip
         client_port = client.getsockname()[1]
@@ -142,11 +148,10 @@ def test_a_tcp_upstream_reset_ends_an_uploading_vsock_client(
         server.settimeout(WAIT)
         port = server.getsockname()[1]
         with (
-            running(
-                "vsock-to-ip", "-v", vsock.listen_address(4000), "-i", f"127.0.0.1:{port}",
-                log_dir=tmp_path, env=vsock.env,
+            steady_proxy(
+                vsock, "vsock-to-ip", "-v", vsock.listen_address(4000), "-i", f"127.0.0.1:{port}",
+                log_dir=tmp_path,
             ) as proxy,
-            holding_steady(vsock, proxy),
         ):  # fmt: skip
             client = vsock.client(4000)
             errors: list[BaseException] = []
@@ -178,11 +183,10 @@ def test_a_refused_tcp_upstream_closes_each_vsock_client(
 ) -> None:
     dead_port = free_port()
     with (
-        running(
-            "vsock-to-ip", "-v", vsock.listen_address(4000), "-i", f"127.0.0.1:{dead_port}",
-            log_dir=tmp_path, env=vsock.env,
+        steady_proxy(
+            vsock, "vsock-to-ip", "-v", vsock.listen_address(4000), "-i", f"127.0.0.1:{dead_port}",
+            log_dir=tmp_path,
         ) as proxy,
-        holding_steady(vsock, proxy),
     ):  # fmt: skip
         for _ in range(20):
             with vsock.client(4000) as client:
@@ -203,11 +207,10 @@ def test_a_tcp_client_reset_mid_stream_ends_the_vsock_upstream(
     port = free_port()
     with (
         echo_process(*vsock.echo_args(5000), log_dir=tmp_path),
-        running(
-            "ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", vsock.address(5000),
-            log_dir=tmp_path, env=vsock.env,
+        steady_proxy(
+            vsock, "ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", vsock.address(5000),
+            log_dir=tmp_path,
         ) as proxy,
-        holding_steady(vsock, proxy),
     ):  # fmt: skip
         for _ in range(10):
             client = tcp_client(port)
@@ -228,11 +231,10 @@ def test_a_vsock_client_leaving_mid_stream_ends_the_tcp_upstream(
     """The vsock client closes with echoed bytes unread: over vsock the proxy reads EOF, not
     a reset (and its next send back fails with EPIPE); every connection ends."""
     with (
-        running(
-            "vsock-to-ip", "-v", vsock.listen_address(4000), "-i", f"127.0.0.1:{echo.port}",
-            log_dir=tmp_path, env=vsock.env,
+        steady_proxy(
+            vsock, "vsock-to-ip", "-v", vsock.listen_address(4000), "-i", f"127.0.0.1:{echo.port}",
+            log_dir=tmp_path,
         ) as proxy,
-        holding_steady(vsock, proxy),
     ):  # fmt: skip
         for _ in range(10):
             client = vsock.client(4000)
@@ -262,11 +264,10 @@ def test_no_listener_on_the_vsock_port_is_a_reset_named_in_the_log(
 ) -> None:
     port = free_port()
     with (
-        running(
-            "ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", vsock.address(5009),
-            log_dir=tmp_path, env=vsock.env,
+        steady_proxy(
+            vsock, "ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", vsock.address(5009),
+            log_dir=tmp_path,
         ) as proxy,
-        holding_steady(vsock, proxy),
     ):  # fmt: skip
         for _ in range(5):
             assert assert_closed_at_once(port) < 5  # the connect timeout is 10 s
@@ -293,11 +294,10 @@ def test_a_full_listen_backlog_is_refused_at_once(vsock: Vsock, tmp_path: Path) 
                     break
                 assert len(fillers) < 16, "the backlog never filled"
             with (
-                running(
-                    "ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", vsock.address(5008),
-                    log_dir=tmp_path, env=vsock.env,
+                steady_proxy(
+                    vsock, "ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", vsock.address(5008),
+                    log_dir=tmp_path,
                 ) as proxy,
-                holding_steady(vsock, proxy),
             ):  # fmt: skip
                 assert assert_closed_at_once(port) < 5
                 proxy.wait_for(
@@ -319,11 +319,10 @@ def test_a_cid_that_does_not_exist_is_enodev_at_once(vsock: Vsock, tmp_path: Pat
     """Real vsock only: the emulation has no notion of which CIDs exist."""
     port = free_port()
     with (
-        running(
-            "ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", "77:5000",
-            log_dir=tmp_path, env=vsock.env,
+        steady_proxy(
+            vsock, "ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", "77:5000",
+            log_dir=tmp_path,
         ) as proxy,
-        holding_steady(vsock, proxy),
     ):  # fmt: skip
         assert assert_closed_at_once(port) < 5
     proxy.wait_for(
@@ -339,10 +338,10 @@ def test_a_cid_that_does_not_exist_is_enodev_at_once(vsock: Vsock, tmp_path: Pat
 def test_idle_timeout_closes_the_idle_connection_not_the_busy_one(
     vsock: Vsock, echo: EchoServer, tmp_path: Path
 ) -> None:
-    with running(
-        "vsock-to-ip", "-v", vsock.listen_address(4000), "-i", f"127.0.0.1:{echo.port}",
-        "--idle-timeout", "3", log_dir=tmp_path, env=vsock.env,
-    ) as proxy, holding_steady(vsock, proxy):  # fmt: skip
+    with steady_proxy(
+        vsock, "vsock-to-ip", "-v", vsock.listen_address(4000), "-i", f"127.0.0.1:{echo.port}",
+        "--idle-timeout", "3", log_dir=tmp_path,
+    ) as proxy:  # fmt: skip
         idle, busy = vsock.client(4000), vsock.client(4000)
         stop = threading.Event()
         sent = bytearray()
