@@ -12,7 +12,8 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from pf_proxy.endpoints import emulation_dir_from_env
+from pf_proxy import metrics
+from pf_proxy.endpoints import BindError, IpAddress, emulation_dir_from_env
 
 log = logging.getLogger("pf_proxy")
 
@@ -101,13 +102,39 @@ def systemd_notify(state: str) -> None:
         log.warning("systemd notify %s to %s failed: %s", state, address, exc)
 
 
-def run(main: Coroutine[Any, Any, int]) -> int:
-    """Run `main` on uvloop when importable (asyncio's loop otherwise); return its code."""
+def run(main: Coroutine[Any, Any, int], metrics_address: IpAddress | None = None) -> int:
+    """Run `main` on uvloop when importable (asyncio's loop otherwise); return its code.
+
+    With `metrics_address`, /metrics and /healthz are served there (see :mod:`metrics`) from
+    before `main` starts until it ends; if that address cannot be bound, exit 1 at once.
+    """
     limit = raise_open_file_limit()
     log.info("Open file limit: %d", limit)
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main)
-    result: int = uvloop.run(main)
+        return asyncio.run(_serving(main, metrics_address))
+    result: int = uvloop.run(_serving(main, metrics_address))
     return result
+
+
+async def _serving(main: Coroutine[Any, Any, int], metrics_address: IpAddress | None) -> int:
+    server = None
+    if metrics_address is not None:
+        try:
+            server = await metrics.serve(metrics_address)
+        except BindError as exc:
+            log.error("%s", exc)
+            main.close()
+            return 1
+    try:
+        return await main
+    finally:
+        if server is not None:
+            server.close()
+
+
+def draining(reason: str) -> None:
+    """The command stops taking new work: tell systemd (STOPPING=1) and /healthz (503)."""
+    metrics.HEALTH.drain(reason)
+    systemd_notify("STOPPING=1")

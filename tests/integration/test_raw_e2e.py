@@ -16,6 +16,7 @@ import pytest
 
 from tests.integration.helpers import ThreadedServer, listening_socket
 from tests.integration.namespaced import WAIT, NsProxy, in_netns, same_bytes, tcp_socket_in
+from tests.integration.prometheus import prometheus
 from tests.integration.tuna import (
     MTU,
     RESERVED_SERVER,
@@ -274,3 +275,38 @@ def test_garbage_on_the_outgoing_listener_is_dropped_and_the_link_recovers(
         # The enclave's own link was replaced by the intruders; it reconnects on its next send.
         same_bytes(fetch(deployed.enclave, SERVER, 8080, 2 * MiB), payload(2 * MiB))
         assert outgoing.process.poll() is None
+
+
+def test_prometheus_scrapes_the_host_side_raw_proxies(tmp_path: Path) -> None:
+    """Known traffic through the deployment; a Prometheus server in the host namespace reads
+    what ip-to-vsock-raw-incoming and vsock-to-ip-raw-outgoing forwarded, their links' state
+    and reconnects, and the kernel's counters of the nfqueue."""
+    ports = {"ip-to-vsock-raw-incoming": 9101, "vsock-to-ip-raw-outgoing": 9102}
+    extra = {command: ["--metrics", f"127.0.0.1:{port}"] for command, port in ports.items()}
+    incoming, outgoing = (f'instance="127.0.0.1:{port}"' for port in ports.values())
+    targets = [f"127.0.0.1:{port}" for port in ports.values()]
+    with (
+        deployment(tmp_path, extra_args=extra) as deployed,
+        server(deployed.internet, SERVER, 8080),
+        prometheus(tmp_path, targets, deployed.host) as ask,
+    ):
+        same_bytes(fetch(deployed.enclave, SERVER, 8080, MiB), payload(MiB))
+        for instance in (incoming, outgoing):
+            ask.wait_for(f"pf_proxy_raw_link_up{{{instance}}}", 1)
+            ask.wait_for(f"pf_proxy_raw_link_connects_total{{{instance}}}", 1)
+            forwarded = ask.value(f"pf_proxy_raw_forwarded_bytes_total{{{instance}}}") or 0
+            assert forwarded > (MiB if instance == incoming else 0), (instance, forwarded)
+        ask.wait_for(f'pf_proxy_nfqueue_dropped_packets_total{{{incoming},cause="user"}}', 0)
+        assert ask.value(f"pf_proxy_nfqueue_waiting_packets{{{incoming}}}") is not None
+        ask.wait_for(f'pf_proxy_info{{{outgoing},command="vsock-to-ip-raw-outgoing"}}', 1)
+
+        # The enclave's listener goes away: the host's link breaks at its next packet (the
+        # answer to a SYN from the enclave), and is made again once the listener is back.
+        deployed.kill("vsock-to-ip-raw-incoming")
+        assert cannot_connect(deployed.enclave, SERVER, 8080)
+        ask.wait_for(f"pf_proxy_raw_link_up{{{incoming}}}", 0)
+        lost = f'pf_proxy_raw_dropped_packets_total{{{incoming},reason="vsock-link-down"}}'
+        ask.wait_for(f"clamp_max({lost}, 1)", 1)  # at least one packet in hand was lost
+        deployed.start("vsock-to-ip-raw-incoming")
+        ask.wait_for(f"pf_proxy_raw_link_up{{{incoming}}}", 1)
+        ask.wait_for(f"pf_proxy_raw_link_connects_total{{{incoming}}}", 2)

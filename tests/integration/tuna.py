@@ -27,7 +27,7 @@ import os
 import signal
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class Deployment:
     log_dir: Path
     ip_file: Path
     proxies: dict[str, NsProxy]
+    extra_args: dict[str, list[str]] = field(default_factory=dict)  # per command, appended
 
     @property
     def env(self) -> dict[str, str]:
@@ -83,7 +84,8 @@ class Deployment:
     def start(self, command: str) -> NsProxy:
         """Start one of the four proxies where it runs in the tuna images."""
         ns, args = self.where(command)
-        running = NsProxy(ns, [command, *args, "--stats-interval", "0.5"], self.log_dir, self.env)
+        args = [command, *args, "--stats-interval", "0.5", *self.extra_args.get(command, [])]
+        running = NsProxy(ns, args, self.log_dir, self.env)
         running.wait_for("Listening on:")
         if command.startswith("ip-to-vsock"):
             running.wait_for("Connected to vsock")
@@ -180,10 +182,14 @@ def build(
 
 @contextmanager
 def deployment(
-    tmp: Path, enclave_rule: str = "deployed", vsock: Vsock | None = None
+    tmp: Path,
+    enclave_rule: str = "deployed",
+    vsock: Vsock | None = None,
+    extra_args: dict[str, list[str]] | None = None,
 ) -> Iterator[Deployment]:
     with ExitStack() as stack:
         deployed = build(stack, tmp, enclave_rule, vsock)
+        deployed.extra_args = extra_args or {}
         try:
             for command in (
                 "vsock-to-ip-raw-outgoing",

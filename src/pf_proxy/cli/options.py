@@ -62,6 +62,7 @@ __all__ = [
     "VsockAddress",
     "WholeNumber",
     "command",
+    "metrics_option",
     "timeouts",
     "vsock_buffer",
 ]
@@ -215,4 +216,17 @@ def vsock_buffer(func: F) -> F:
         help="Receive buffer of each vsock socket (SO_VM_SOCKETS_BUFFER_SIZE): it caps the "
         "bytes in flight on one vsock connection, so one stream's throughput. Memory is "
         "used only while bytes wait to be read. No effect on the emulation.",
+    )(func)
+
+
+def metrics_option(func: F) -> F:
+    """--metrics IP:PORT (an addition; off by default)."""
+    return click.option(
+        "--metrics",
+        "metrics_address",
+        type=IP_LISTEN_ADDRESS,
+        default=None,
+        metavar="IP:PORT",
+        help="Serve /metrics (Prometheus text format) and /healthz (200 while serving, 503 "
+        "once draining) on this address. Default: off.",
     )(func)

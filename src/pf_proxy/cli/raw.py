@@ -9,10 +9,19 @@ from typing import Any, NoReturn
 
 import click
 
-from pf_proxy import runtime
-from pf_proxy.cli.options import VSOCK_ADDRESS, F, Seconds, WholeNumber, command, vsock_buffer
-from pf_proxy.endpoints import VsockAddress, vsock_endpoint
+from pf_proxy import metrics, runtime
+from pf_proxy.cli.options import (
+    VSOCK_ADDRESS,
+    F,
+    Seconds,
+    WholeNumber,
+    command,
+    metrics_option,
+    vsock_buffer,
+)
+from pf_proxy.endpoints import IpAddress, VsockAddress, vsock_endpoint
 from pf_proxy.raw import forward
+from pf_proxy.raw import metrics as raw_metrics
 from pf_proxy.raw.addresses import (
     AddressLookupError,
     find_outgoing_interface,
@@ -50,8 +59,9 @@ QUEUE_NUM = click.option(
 
 
 def _service_options(func: F) -> F:
-    """--stats-interval, --drain-timeout and --vsock-buffer-size (additions with faithful
-    defaults)."""
+    """--stats-interval, --drain-timeout, --vsock-buffer-size and --metrics (additions with
+    faithful defaults)."""
+    func = metrics_option(func)
     func = vsock_buffer(func)
     func = click.option(
         "--drain-timeout",
@@ -78,6 +88,7 @@ def _queue_to_vsock(
     stats_interval: float,
     drain_timeout: float,
     vsock_buffer_size: int,
+    metrics_address: IpAddress | None,
 ) -> None:
     runtime.start_logging()
     link = vsock_endpoint(vsock_addr, vsock_buffer_size)
@@ -85,9 +96,20 @@ def _queue_to_vsock(
     async def main() -> int:
         forwarder = forward.QueueToVsock(queue_num, link)
         log.info("Proxying to: %s", forwarder.endpoint)
-        return await forward.serve(forwarder, name, stats_interval, drain_timeout)
+        return await _serve(forwarder, name, stats_interval, drain_timeout)
 
-    sys.exit(runtime.run(main()))
+    sys.exit(runtime.run(main(), metrics_address))
+
+
+async def _serve(
+    forwarder: forward.QueueToVsock | forward.VsockToDevice,
+    name: str,
+    stats_interval: float,
+    drain_timeout: float,
+) -> int:
+    metrics.describe_command(name)
+    metrics.register(raw_metrics.source(forwarder))
+    return await forward.serve(forwarder, name, stats_interval, drain_timeout)
 
 
 @command(
@@ -120,15 +142,16 @@ def _vsock_to_device(
     stats_interval: float,
     drain_timeout: float,
     vsock_buffer_size: int,
+    metrics_address: IpAddress | None,
 ) -> None:
     listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
 
     async def main() -> int:
         forwarder = forward.VsockToDevice(listen, device, policy.check)
         log.info("Proxying to: device %s", device)
-        return await forward.serve(forwarder, name, stats_interval, drain_timeout)
+        return await _serve(forwarder, name, stats_interval, drain_timeout)
 
-    sys.exit(runtime.run(main()))
+    sys.exit(runtime.run(main(), metrics_address))
 
 
 def _fail(exc: Exception) -> NoReturn:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import click
 
-from pf_proxy import runtime
+from pf_proxy import metrics, runtime
 from pf_proxy.cli.options import (
     CID,
     CIDR,
@@ -16,6 +17,7 @@ from pf_proxy.cli.options import (
     IP_TARGET_ADDRESS,
     VSOCK_ADDRESS,
     command,
+    metrics_option,
     timeouts,
     vsock_buffer,
 )
@@ -62,8 +64,10 @@ def _run(
     connect_timeout: float,
     idle_timeout: float,
     drain_timeout: float,
+    metrics_address: IpAddress | None,
 ) -> None:
     runtime.start_logging()
+    metrics.describe_command(click.get_current_context().info_name or "pf-proxy")
     settings = engine.Settings(
         forward=forward,
         backward=backward,
@@ -75,7 +79,7 @@ def _run(
     async def main() -> int:
         return await engine.serve(listen, make_route(), settings)
 
-    sys.exit(runtime.run(main()))
+    sys.exit(runtime.run(main(), metrics_address))
 
 
 @command("Forward connections accepted on a vsock address to a TCP/IP endpoint.")
@@ -89,8 +93,9 @@ def _run(
 )
 @timeouts
 @vsock_buffer
+@metrics_option
 def vsock_to_ip(
-    vsock_addr: VsockAddress, ip_addr: IpAddress, vsock_buffer_size: int, **timeout: float
+    vsock_addr: VsockAddress, ip_addr: IpAddress, vsock_buffer_size: int, **options: Any
 ) -> None:
     upstream = IpEndpoint(ip_addr)
     _run(
@@ -98,7 +103,7 @@ def vsock_to_ip(
         lambda: routes.fixed(upstream),
         "vsock to ip",
         "ip to vsock",
-        **timeout,
+        **options,
     )
 
 
@@ -107,12 +112,13 @@ def vsock_to_ip(
 @VSOCK_TARGET
 @timeouts
 @vsock_buffer
+@metrics_option
 def ip_to_vsock(
-    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **timeout: float
+    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **options: Any
 ) -> None:
     upstream = vsock_endpoint(vsock_addr, vsock_buffer_size)
     _run(
-        IpEndpoint(ip_addr), lambda: routes.fixed(upstream), "ip to vsock", "vsock to ip", **timeout
+        IpEndpoint(ip_addr), lambda: routes.fixed(upstream), "ip to vsock", "vsock to ip", **options
     )
 
 
@@ -146,12 +152,13 @@ def ip_to_vsock(
 )
 @timeouts
 @vsock_buffer
+@metrics_option
 def vsock_to_ip_transparent(
     vsock_addr: VsockAddress,
     allow: tuple[IpNetwork, ...],
     deny: tuple[IpNetwork, ...],
     vsock_buffer_size: int,
-    **timeout: float,
+    **options: Any,
 ) -> None:
     policy = AccessPolicy(allow, deny)
 
@@ -160,7 +167,7 @@ def vsock_to_ip_transparent(
         return routes.from_destination_header(lambda dst: policy.permits(dst.address))
 
     listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
-    _run(listen, make_route, "vsock to ip", "ip to vsock", **timeout)
+    _run(listen, make_route, "vsock to ip", "ip to vsock", **options)
 
 
 @command(
@@ -178,8 +185,9 @@ def vsock_to_ip_transparent(
 )
 @timeouts
 @vsock_buffer
+@metrics_option
 def ip_to_vsock_transparent(
-    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **timeout: float
+    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **options: Any
 ) -> None:
     upstream = vsock_endpoint(vsock_addr, vsock_buffer_size)
     _run(
@@ -187,7 +195,7 @@ def ip_to_vsock_transparent(
         lambda: routes.with_destination_header(upstream),
         "ip to vsock",
         "vsock to ip",
-        **timeout,
+        **options,
     )
 
 
@@ -206,8 +214,9 @@ def ip_to_vsock_transparent(
 )
 @timeouts
 @vsock_buffer
+@metrics_option
 def transparent_port_to_vsock(
-    ip_addr: IpAddress, cid: int, vsock_buffer_size: int, **timeout: float
+    ip_addr: IpAddress, cid: int, vsock_buffer_size: int, **options: Any
 ) -> None:
     template = vsock_endpoint(VsockAddress(cid, 0), vsock_buffer_size)
     _run(
@@ -215,5 +224,5 @@ def transparent_port_to_vsock(
         lambda: routes.to_original_port(template),
         "port to vsock",
         "vsock to port",
-        **timeout,
+        **options,
     )

@@ -31,7 +31,7 @@ from pf_proxy.raw.links import connect_with_backoff, open_with_backoff
 from pf_proxy.raw.nfq import NfQueue
 from pf_proxy.raw.policy import Drop, DropCounters
 from pf_proxy.raw.rawsock import PacketRejected, RawSender
-from pf_proxy.runtime import systemd_notify
+from pf_proxy.runtime import draining, systemd_notify
 
 log = logging.getLogger("pf_proxy")
 
@@ -48,13 +48,15 @@ RAW_SOCKET_BROKEN = "raw-socket-broken"  # in hand when the raw socket failed
 
 
 class Stats:
-    """Packets and bytes forwarded, drops by reason, and streams dropped as malformed."""
+    """Packets and bytes forwarded, drops by reason, streams dropped as malformed, and how
+    often the vsock link was (re)established."""
 
     def __init__(self) -> None:
         self.packets = 0
         self.bytes = 0
         self.drops = DropCounters()
         self.malformed_streams = 0
+        self.link_connects = 0
 
     def format(self) -> str:
         text = f"forwarded {self.packets} packets ({self.bytes} bytes), {self.drops.format()}"
@@ -80,6 +82,11 @@ class _Forwarder:
         """Set while no packets are in hand (waiting for a full socket to drain)."""
         self.idle.set()
         self._trouble: asyncio.Future[str] = self.loop.create_future()
+
+    @property
+    def link_up(self) -> bool:
+        """Whether the vsock link is established now."""
+        raise NotImplementedError
 
     def _report_trouble(self, what: str) -> None:
         if not self._trouble.done():
@@ -118,6 +125,7 @@ class QueueToVsock(_Forwarder):
                         announced = True
                 if self._link is None:
                     self._link = await connect_with_backoff(self.endpoint)
+                    self.stats.link_connects += 1
                     self._link.shutdown(socket.SHUT_RD)  # nothing comes back on this stream
                     try:
                         self._link.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, LINK_BUFFER)
@@ -132,6 +140,10 @@ class QueueToVsock(_Forwarder):
             for resource in (self._queue, self._link):
                 if resource is not None:
                     resource.close()
+
+    @property
+    def link_up(self) -> bool:
+        return self._link is not None
 
     def _stop_watching(self) -> None:
         if self._queue is not None:
@@ -302,6 +314,11 @@ class VsockToDevice(_Forwarder):
         else:
             log.info("Accepted connection on %s", self.listen)
         self._stream = _Stream(self, conn)
+        self.stats.link_connects += 1
+
+    @property
+    def link_up(self) -> bool:
+        return self._stream is not None
 
     def stream_ended(self, stream: _Stream) -> None:
         if self._stream is stream:
@@ -488,7 +505,7 @@ async def serve(
         log.error("%s stopped unexpectedly: %r", name, exc)
     else:
         log.info("Shutting down")
-        systemd_notify("STOPPING=1")
+        draining("SIGTERM or SIGINT received: sending the packets in hand, then stopping")
         forwarder.stopping = True
         try:
             await asyncio.wait_for(forwarder.idle.wait(), drain_timeout)

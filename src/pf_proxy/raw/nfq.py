@@ -290,3 +290,35 @@ def _await_ack(sock: socket.socket, sequence: int) -> int:
                 (error,) = _NLMSGERR.unpack_from(buffer, start + _NLMSGHDR.size)
                 return -int(error)
             start += (length + 3) & ~3
+
+
+# /proc/net/netfilter/nfnetlink_queue, one line per bound queue (net/netfilter/nfnetlink_queue.c,
+# seq_show): queue number, peer port id, packets waiting, copy mode, copy range, dropped for
+# a full queue, dropped because delivery to us failed, last packet id, 1.
+KERNEL_QUEUE_STATS = "/proc/net/netfilter/nfnetlink_queue"
+
+
+def parse_queue_stats(text: str, queue_num: int) -> dict[str, int] | None:
+    """The kernel's counters of one queue from that file's text; None if it is not bound."""
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 7 and fields[0] == str(queue_num):
+            try:
+                waiting, queue_dropped, user_dropped = (int(fields[i]) for i in (2, 5, 6))
+            except ValueError:
+                return None
+            return {
+                "waiting": waiting,
+                "queue_dropped": queue_dropped,
+                "user_dropped": user_dropped,
+            }
+    return None
+
+
+def kernel_queue_stats(queue_num: int) -> dict[str, int] | None:
+    """`parse_queue_stats` of this network namespace's file (None if unreadable)."""
+    try:
+        with open(KERNEL_QUEUE_STATS) as stats:
+            return parse_queue_stats(stats.read(), queue_num)
+    except OSError:
+        return None

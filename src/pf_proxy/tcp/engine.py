@@ -24,9 +24,26 @@ import signal
 import socket
 from dataclasses import dataclass
 
-from pf_proxy.endpoints import BindError, Endpoint, close_abortively
-from pf_proxy.runtime import systemd_notify
+from pf_proxy import metrics
+from pf_proxy.endpoints import BindError, ConnectError, Endpoint, close_abortively
+from pf_proxy.runtime import draining, systemd_notify
+from pf_proxy.tcp import metrics as tcp_metrics
 from pf_proxy.tcp.dstheader import HeaderError
+from pf_proxy.tcp.metrics import (
+    BAD_HEADER,
+    CLOSED_AT_DRAIN,
+    COMPLETED,
+    CONNECT_TIMEOUT,
+    DENIED,
+    IDLE_TIMEOUT,
+    NO_ORIGINAL_DESTINATION,
+    RELAY_FAILED,
+    ROUTE_FAILED,
+    UPSTREAM_CONNECT_FAILED,
+    Ended,
+    TcpStats,
+)
+from pf_proxy.tcp.origdst import OriginalDestinationError
 from pf_proxy.tcp.relay import Relay
 from pf_proxy.tcp.routes import DeniedDestination, Route
 
@@ -46,9 +63,10 @@ SPARE_FDS = 64
 MIN_CONNECTION_LIMIT = 8
 
 
-def connection_limit(open_file_limit: int) -> int:
-    """How many connections fit in `open_file_limit` descriptors at once."""
-    return max(MIN_CONNECTION_LIMIT, (open_file_limit - SPARE_FDS) // FDS_PER_CONNECTION)
+def connection_limit(open_file_limit: int, fds_per_connection: int = FDS_PER_CONNECTION) -> int:
+    """How many connections (or UDP flows) of `fds_per_connection` descriptors each fit in
+    `open_file_limit` descriptors at once."""
+    return max(MIN_CONNECTION_LIMIT, (open_file_limit - SPARE_FDS) // fds_per_connection)
 
 
 @dataclass(frozen=True)
@@ -78,8 +96,9 @@ class Listener:
         self.route = route
         self.settings = settings
         self.max_connections = max_connections
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[Ended]] = set()
         self.overloaded = False  # an overload was logged; cleared when accept() catches up
+        self.stats = TcpStats()
 
     def start(self) -> None:
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
@@ -88,8 +107,9 @@ class Listener:
         for _ in range(ACCEPTS_PER_WAKEUP):
             if len(self.tasks) >= self.max_connections:
                 self._stop_accepting(
+                    "connection_limit",
                     f"{len(self.tasks)} connections open, the limit "
-                    "(it grows with the open file limit, e.g. systemd's LimitNOFILE=)"
+                    "(it grows with the open file limit, e.g. systemd's LimitNOFILE=)",
                 )
                 return  # _connection_closed() starts accepting again
             try:
@@ -101,27 +121,35 @@ class Listener:
                 return
             except OSError as exc:
                 if exc.errno in _RESOURCE_ERRORS:
-                    self._stop_accepting(f"{exc}, with {len(self.tasks)} connections open")
+                    self._stop_accepting(
+                        "descriptors", f"{exc}, with {len(self.tasks)} connections open"
+                    )
                     self.loop.call_later(ACCEPT_BACKOFF, self._resume)
                 else:
                     log.error("Failed to accept connection on %s: %s", self.name, exc)
                 return
             conn.setblocking(False)
+            self.stats.accepted += 1
             task = self.loop.create_task(
                 handle_connection(conn, _peer_name(peer, self.name), self.route, self.settings)
             )
             self.tasks.add(task)
             task.add_done_callback(self._connection_closed)
 
-    def _stop_accepting(self, why: str) -> None:
-        """Leave new connections in the backlog for now; log once per overload."""
+    def _stop_accepting(self, reason: str, why: str) -> None:
+        """Leave new connections in the backlog for now; log (and count) once per overload."""
         if not self.overloaded:
             log.error("Not accepting on %s for now: %s; new connections wait", self.name, why)
             self.overloaded = True
+            self.stats.pauses[reason] += 1
         self.loop.remove_reader(self.sock.fileno())
 
-    def _connection_closed(self, task: asyncio.Task[None]) -> None:
+    def _connection_closed(self, task: asyncio.Task[Ended]) -> None:
         self.tasks.discard(task)
+        if task.cancelled():
+            self.stats.end(Ended(CLOSED_AT_DRAIN))
+        elif task.exception() is None:
+            self.stats.end(task.result())
         if self.overloaded and len(self.tasks) < self.max_connections:
             self._resume()
 
@@ -156,13 +184,15 @@ def _peer_name(peer: object, listener_name: str) -> str:
 
 async def handle_connection(
     inbound: socket.socket, inbound_name: str, route: Route, settings: Settings
-) -> None:
-    """Route one accepted connection and relay it; log and close it on any failure.
+) -> Ended:
+    """Route one accepted connection and relay it; log and close it on any failure; say how
+    it ended.
 
     Whatever happens (a route or relay failure, a cancel at the drain), every socket the
     connection owns is closed: `close_abortively` and `Relay.run`'s own cleanup never raise.
     """
     loop = asyncio.get_running_loop()
+    accepted = loop.time()
     try:
         async with asyncio.timeout(settings.connect_timeout):
             upstream = await route(inbound)
@@ -173,14 +203,15 @@ async def handle_connection(
             settings.connect_timeout,
         )
         close_abortively(inbound)
-        return
+        return Ended(CONNECT_TIMEOUT)
     except (OSError, HeaderError, DeniedDestination) as exc:
         log.error("Closing connection from %s: %s", inbound_name, exc)
         close_abortively(inbound)
-        return
+        return Ended(_route_outcome(exc))
     except BaseException:
         close_abortively(inbound)
         raise
+    connect_seconds = loop.time() - accepted
 
     try:
         if upstream.first_bytes:
@@ -191,7 +222,7 @@ async def handle_connection(
         if not isinstance(exc, OSError):
             raise
         log.error("Failed to transfer data: error=%s (to %s)", exc, upstream.name)
-        return
+        return Ended(RELAY_FAILED, connect_seconds=connect_seconds)
 
     a, b, detail = inbound_name, upstream.name, upstream.detail
     try:
@@ -206,9 +237,11 @@ async def handle_connection(
         close_abortively(inbound)
         close_abortively(upstream.sock)
         raise
+    outcome = COMPLETED
     try:
         await relay.run()  # closes both sockets, whatever happens
     except (OSError, TimeoutError) as exc:
+        outcome = IDLE_TIMEOUT if isinstance(exc, TimeoutError) else RELAY_FAILED
         log.error(
             "Failed to transfer data: error=%s (between %s and %s, %d and %d bytes relayed)",
             exc,
@@ -217,6 +250,19 @@ async def handle_connection(
             relay.bytes_forward,
             relay.bytes_backward,
         )
+    return Ended(outcome, relay.bytes_forward, relay.bytes_backward, connect_seconds)
+
+
+def _route_outcome(exc: BaseException) -> str:
+    if isinstance(exc, ConnectError):
+        return UPSTREAM_CONNECT_FAILED
+    if isinstance(exc, OriginalDestinationError):
+        return NO_ORIGINAL_DESTINATION
+    if isinstance(exc, HeaderError):
+        return BAD_HEADER
+    if isinstance(exc, DeniedDestination):
+        return DENIED
+    return ROUTE_FAILED
 
 
 async def serve(listen: Endpoint, route: Route, settings: Settings) -> int:
@@ -231,6 +277,9 @@ async def serve(listen: Endpoint, route: Route, settings: Settings) -> int:
     if open_files == resource.RLIM_INFINITY:
         open_files = 1 << 30
     listener = Listener(sock, str(listen), route, settings, connection_limit(open_files))
+    metrics.register(
+        tcp_metrics.source(listener.stats, lambda: len(listener.tasks), lambda: listener.overloaded)
+    )
     log.info(
         "Accepting up to %d connections at once (open file limit %d)",
         listener.max_connections,
@@ -244,6 +293,6 @@ async def serve(listen: Endpoint, route: Route, settings: Settings) -> int:
     systemd_notify("READY=1")
     await stop.wait()
     log.info("Shutting down: no longer accepting on %s", listen)
-    systemd_notify("STOPPING=1")
+    draining(f"SIGTERM or SIGINT received: draining {len(listener.tasks)} connections")
     await listener.close(settings.drain_timeout)
     return 0
