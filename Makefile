@@ -10,7 +10,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := iptables ipset iproute2 socat iperf3 curl python3-venv \
+SYSTEM_PACKAGES := iptables ipset iproute2 socat iperf3 curl prometheus python3-venv \
 	qemu-system-x86 busybox-static cpio kmod
 export PATH := $(abspath $(BIN)):$(PATH)
 
