@@ -1,9 +1,12 @@
 """Load generator and echo server for the benchmarks, one process each.
 
-    python -m benchmarks.loadgen echo --port P --lifetime S
+    python -m benchmarks.loadgen echo --port P --lifetime S [--unix PATH]
     python -m benchmarks.loadgen rate --port P --concurrency C --duration S
     python -m benchmarks.loadgen pingpong --port P --connections C --duration S
     python -m benchmarks.loadgen hold --port P --connections N
+
+Every mode takes --address (default 127.0.0.1); rate takes --request-file, the bytes each
+connection sends (and waits to have echoed), e.g. an HTTP request head or a TLS ClientHello.
 
 Clients print one JSON object on stdout. Everything runs on uvloop with asyncio protocols
 (no streams), so that the client costs less than the proxies it measures; the benchmark
@@ -43,10 +46,13 @@ class _Echo(asyncio.Protocol):
         return False  # close when the client does
 
 
-async def echo(port: int, lifetime: float) -> None:
+async def echo(port: int, lifetime: float, unix: str | None = None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(_Echo, HOST, port, backlog=4096, reuse_address=True)
-    print(json.dumps({"listening": port}), flush=True)
+    if unix:  # on a Unix socket: an emulated vsock address
+        server = await loop.create_unix_server(_Echo, unix, backlog=4096)
+    else:
+        server = await loop.create_server(_Echo, HOST, port, backlog=4096, reuse_address=True)
+    print(json.dumps({"listening": unix or port}), flush=True)
     await asyncio.sleep(lifetime)
     server.close()
 
@@ -204,6 +210,7 @@ async def hold(port: int, connections: int) -> dict[str, int]:
 
 
 def main() -> None:
+    global HOST, REQUEST  # set once from the command line, before anything runs
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loadgen")
     parser.add_argument("mode", choices=["echo", "rate", "pingpong", "hold"])
     parser.add_argument("--port", type=int, required=True)
@@ -212,9 +219,18 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--address", default=HOST, help="where to listen or connect")
+    parser.add_argument("--unix", help="echo: listen on this Unix socket path instead")
+    parser.add_argument(
+        "--request-file", help="rate: send this file's bytes as the request (default 64 x 'q')"
+    )
     args = parser.parse_args()
+    HOST = args.address
+    if args.request_file:
+        with open(args.request_file, "rb") as request:
+            REQUEST = request.read()
     if args.mode == "echo":
-        uvloop.run(echo(args.port, args.lifetime))
+        uvloop.run(echo(args.port, args.lifetime, args.unix))
         return
     if args.mode == "rate":
         result: object = uvloop.run(rate(args.port, args.concurrency, args.duration, args.warmup))

@@ -50,8 +50,8 @@ def test_failed_writes_do_not_each_hold_a_chunk_buffer() -> None:
 
 
 def refuse_splice(monkeypatch: pytest.MonkeyPatch, source: socket.socket, after: int) -> None:
-    """Make splice(2) out of `source` fail with EINVAL after `after` reads, as it does for a
-    socket type without splice support."""
+    """Make splice(2) out of `source` fail with EINVAL once `after` reads brought bytes, as it
+    does for a socket type without splice support."""
     reads = 0
     real_splice = relay_module._splice
 
@@ -59,11 +59,12 @@ def refuse_splice(monkeypatch: pytest.MonkeyPatch, source: socket.socket, after:
         src: int, dst: int, count: int, src_offset: None, dst_offset: None, flags: int
     ) -> int:
         nonlocal reads
-        if src == source.fileno():
+        if src == source.fileno() and reads >= after:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        moved = real_splice(src, dst, count, src_offset, dst_offset, flags)
+        if src == source.fileno() and moved:
             reads += 1
-            if reads > after:
-                raise OSError(errno.EINVAL, "Invalid argument")
-        return real_splice(src, dst, count, src_offset, dst_offset, flags)
+        return moved
 
     monkeypatch.setattr(relay_module, "_splice", splice)
 
@@ -85,7 +86,10 @@ async def splice_relay(
             sock.setblocking(False)
         for message in messages:
             await loop.sock_sendall(client, message)
-            received.append(await asyncio.wait_for(loop.sock_recv(server, 100), 5))
+            got = b""
+            while len(got) < len(message):
+                got += await asyncio.wait_for(loop.sock_recv(server, 1 << 20), 5)
+            received.append(got)
         await loop.sock_sendall(server, b"response")
         assert await asyncio.wait_for(loop.sock_recv(client, 100), 5) == b"response"
         client.shutdown(socket.SHUT_WR)
@@ -98,11 +102,31 @@ async def splice_relay(
     return received, relay
 
 
-def test_a_socket_that_refuses_splice_is_copied_instead(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def splice_from_the_first_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every direction moves from copying to splice after its first read (SPLICE_FROM = 1)."""
+    monkeypatch.setattr(relay_module, "SPLICE_FROM", 1)
+
+
+def test_a_socket_that_refuses_splice_is_copied_instead(
+    monkeypatch: pytest.MonkeyPatch, splice_from_the_first_byte: None
+) -> None:
     received, relay = asyncio.run(splice_relay(monkeypatch, 0, [b"request", b"more"]))
     assert received == [b"request", b"more"]
+    # forward: copied, moved to splice, refused at once, copied again for good
     assert [type(pump).__name__ for pump in relay.pumps] == ["_CopyPump", "_SplicePump"]
+    assert relay.pumps[0].may_splice is False  # type: ignore[attr-defined]
     assert (relay.bytes_forward, relay.bytes_backward) == (11, 8)
+
+
+def test_a_large_read_moves_a_direction_to_splice_and_small_ones_stay_copied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "SPLICE_FROM", 1000)
+    messages = [b"small", b"x" * 5000, b"more"]
+    received, relay = asyncio.run(splice_relay(monkeypatch, 10**9, messages))
+    assert received == messages
+    assert [type(pump).__name__ for pump in relay.pumps] == ["_SplicePump", "_CopyPump"]
 
 
 async def splice_refused_after_first_read(monkeypatch: pytest.MonkeyPatch) -> OSError:
@@ -115,8 +139,9 @@ async def splice_refused_after_first_read(monkeypatch: pytest.MonkeyPatch) -> OS
     try:
         for sock in (client, server):
             sock.setblocking(False)
-        await loop.sock_sendall(client, b"request")
-        assert await asyncio.wait_for(loop.sock_recv(server, 100), 5) == b"request"
+        for message in (b"request", b"second"):  # copied, then spliced
+            await loop.sock_sendall(client, message)
+            assert await asyncio.wait_for(loop.sock_recv(server, 100), 5) == message
         await loop.sock_sendall(client, b"more")
         with pytest.raises(OSError) as failure:
             await asyncio.wait_for(running, 5)
@@ -129,7 +154,9 @@ async def splice_refused_after_first_read(monkeypatch: pytest.MonkeyPatch) -> OS
         server.close()
 
 
-def test_splice_refused_mid_stream_fails_the_relay(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_splice_refused_mid_stream_fails_the_relay(
+    monkeypatch: pytest.MonkeyPatch, splice_from_the_first_byte: None
+) -> None:
     """After bytes moved, EINVAL is a real error: the relay must not carry on as if whole."""
     failure = asyncio.run(splice_refused_after_first_read(monkeypatch))
     assert failure.errno == errno.EINVAL

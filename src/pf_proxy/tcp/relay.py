@@ -1,14 +1,25 @@
 """The relay: copy bytes both ways between two connected non-blocking sockets.
 
-Each direction is a `_Pump` driven by the event loop's readiness callbacks:
+Each direction is a `_Pump`, driven by readiness events:
 
     readable(src) -> move a chunk out of src -> write it to dst
                                              -> dst full? stop reading src, wait writable(dst)
     EOF on src    -> shutdown(dst, SHUT_WR) (half-close); the other direction keeps flowing
 
-On Linux the chunk moves through a pipe with splice(2) and never enters user space. Where the
-kernel refuses splice for a socket type, or no pipe can be made for want of descriptors, that
-direction falls back to recv_into a reusable buffer. Either way at most one chunk per
+Readiness comes from one edge-triggered epoll set per event loop (`Poller`), which the loop
+watches as a single reader. Each socket is added to it once (one epoll_ctl) and leaves it when
+closed: no system call per reader or writer switched on or off, none per connection beyond
+that (the loop's own per-descriptor watchers cost four epoll_ctl, an ioctl and a getsockopt
+per socket). Edge-triggered means a pump reads until src says EAGAIN (or a read comes back
+short, which says the same), and a pump that pauses, or stops after READS_PER_WAKEUP chunks,
+picks up again by itself. An event that reports an error or a hang-up is read to the end, so
+a reset right behind the last bytes is never missed.
+
+Each direction starts by copying through a reusable buffer (recv_into, send): for small
+messages that is two system calls where splice takes two and a pipe. Once a read brings
+SPLICE_FROM bytes or more, the direction moves to splice(2): the chunk goes through a pipe and
+never enters user space. Where the kernel refuses splice for a socket type, or no pipe can be
+made for want of descriptors, that direction goes back to copying. Either way at most one chunk per
 direction is held: a slow reader slows the writer, and memory stays bounded.
 
 The pipe or buffer that carries a chunk (its *carrier*) is borrowed from a small pool of
@@ -22,7 +33,6 @@ cannot mistake a truncated stream for a complete one; a vsock peer reads EOF, be
 no reset. For the same reason a reset read from a vsock socket (only the emulation reports
 one) is that direction's EOF, not a failure.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -31,7 +41,10 @@ import fcntl
 import logging
 import mmap
 import os
+import select
 import socket
+import weakref
+from collections.abc import Callable
 
 from pf_proxy.endpoints import close_abortively, peer_close_is_eof
 
@@ -45,10 +58,19 @@ PIPE_SIZE = 512 * 1024
 # chunk costs a wakeup and two copies through user space, and on loopback 1 MiB chunks carried
 # 16 Gbit/s where 256 KiB ones carried 12 (one stream, see benchmarks/).
 COPY_CHUNK = 1024 * 1024
+# A direction starts on the copy path and moves to splice once one read brings this much: for
+# small messages one recv_into and one send cost less than two splices through a pipe (one
+# hop, 64-byte request and reply, 32 clients: 115 vs 133 us of CPU per connection, 1-byte
+# ping-pong 11.4 vs 13.0 us per request; benchmarks/cpucost.py), for bulk splice wins.
+SPLICE_FROM = 64 * 1024
 READS_PER_WAKEUP = 4  # bounded, so one busy connection cannot starve the others
 _READS = range(READS_PER_WAKEUP)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-SOL_SOCKET, SO_ERROR = socket.SOL_SOCKET, socket.SO_ERROR
+EVENTS_PER_WAKEUP = 256  # epoll events taken per turn of the loop; the rest wait for the next
+_WATCHED = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_TO_THE_END = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR  # read until EOF or error
 
 FREE_CARRIERS_KEPT = 8  # empty pipes (and buffers) kept for reuse; the rest are closed (freed)
 
@@ -58,20 +80,56 @@ _SPLICE_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
 use_splice_default = hasattr(os, "splice") and os.environ.get("PF_PROXY_NO_SPLICE") != "1"
 
 
-# _PENDING_ERROR: when readiness comes with an error (a reset right behind the last bytes),
-# uvloop calls the reader once and then stops watching the socket: an error not found in that
-# call is never reported, and the relay would wait for ever. So a wakeup that stops reading
-# before src said EAGAIN asks for the error src holds (SO_ERROR reads and clears it).
+class Poller:
+    """Every relayed socket in one edge-triggered epoll set, watched by the loop as one reader.
+
+    `watch` adds a socket once; closing it takes it out of the set (nothing else holds it),
+    and `forget` drops its handler. A handler gets the epoll event mask.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Callable[[int], None]] = {}
+        loop.add_reader(self.epoll.fileno(), self._dispatch)
+        weakref.finalize(loop, self.epoll.close)
+
+    def watch(self, fd: int, handler: Callable[[int], None]) -> None:
+        self.handlers[fd] = handler
+        self.epoll.register(fd, _WATCHED)
+
+    def forget(self, fd: int) -> None:
+        self.handlers.pop(fd, None)
+
+    def _dispatch(self) -> None:
+        handlers = self.handlers
+        for fd, events in self.epoll.poll(0, EVENTS_PER_WAKEUP):
+            handler = handlers.get(fd)
+            if handler is not None:  # else closed by an earlier event of this batch
+                handler(events)
+
+
+_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def poller(loop: asyncio.AbstractEventLoop) -> Poller:
+    """The loop's Poller, made on first use."""
+    found = _pollers.get(loop)
+    if found is None:
+        found = _pollers[loop] = Poller(loop)
+    return found
 
 
 class _Pump:
     """One direction of a relay: src -> dst, then half-close dst.
 
-    The control flow both paths share. A subclass moves the bytes: its `_on_readable` reads a
-    chunk into its carrier and writes it on, all inline because it runs for every chunk (on
-    the 2-core benchmark machine, the method calls it had cost 1-byte ping-pong about 10% of
-    its rate); `_write_held` writes what dst did not take at once, and `_drop_carrier` lets
-    go of the carrier.
+    The control flow both paths share, in three states: reading src (`reading`), waiting for
+    dst to take the chunk in hand (`waiting`), done (`finished`). A subclass moves the bytes:
+    its `_read` reads chunks into its carrier and writes them on, all inline because it runs
+    for every chunk (on the 2-core benchmark machine, the method calls it had cost 1-byte
+    ping-pong about 10% of its rate); `_write_held` writes what dst did not take at once, and
+    `_drop_carrier` lets go of the carrier.
     """
 
     def __init__(
@@ -82,13 +140,17 @@ class _Pump:
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
         self.done_message = done_message
+        self.reading = True
+        self.waiting = False
         self.finished = False
         self.bytes = 0
 
-    def start(self) -> None:
-        self.loop.add_reader(self.src_fd, self._on_readable)
+    def on_readable(self, events: int) -> None:
+        """src has news: read it (to the end if the news is an error or a hang-up)."""
+        if self.reading and not self.waiting:
+            self._read(events & _TO_THE_END)
 
-    def _on_readable(self) -> None:
+    def _read(self, to_the_end: int) -> None:
         raise NotImplementedError
 
     def _write_held(self) -> bool:
@@ -98,10 +160,23 @@ class _Pump:
     def _drop_carrier(self) -> None:
         raise NotImplementedError
 
+    def in_hand(self) -> bool:
+        """Whether bytes read from src wait to be written to dst."""
+        raise NotImplementedError
+
+    def _more(self, to_the_end: int) -> None:
+        """READS_PER_WAKEUP chunks read and src may hold more: edge-triggered, no event will
+        say so again, so carry on at the loop's next turn (after the others had theirs)."""
+        self.loop.call_soon(self._resume, to_the_end)
+
+    def _resume(self, to_the_end: int) -> None:
+        if self.reading and not self.waiting:
+            self._read(to_the_end)
+
     def _blocked(self, holding: bool) -> None:
         """src had nothing (let the empty carrier go), or dst took none of the chunk (wait)."""
         if holding:
-            self._wait_for_dst()
+            self.waiting = True  # writable(dst) calls on_writable
         else:
             self._drop_carrier()
 
@@ -109,45 +184,37 @@ class _Pump:
         """A reset read from a socket that has none (emulated vsock): src's peer closed.
 
         Every byte it sent was read before the reset was reported, or is still queued when
-        the reset was found by the SO_ERROR check; either way what follows is data, then EOF.
-        uvloop stops watching a socket whose readiness came with an error, so watch src (and
-        dst, should it wait to write there) afresh, and read on as usual.
+        the reset came first; either way what follows is data, then EOF: read on to the end.
         """
         if exc.errno != errno.ECONNRESET or not peer_close_is_eof(self.src) or self.in_hand():
             return False  # not a read's error: a write to dst failed with bytes in hand
         self._drop_carrier()
-        self.loop.remove_reader(self.src_fd)
-        self.loop.add_reader(self.src_fd, self._on_readable)
+        self.loop.call_soon(self._resume, _TO_THE_END)
         return True
 
-    def in_hand(self) -> bool:
-        """Whether bytes read from src wait to be written to dst."""
-        raise NotImplementedError
-
-    def _wait_for_dst(self) -> None:
-        """dst is full: stop reading src until dst has taken the chunk in hand."""
-        self.loop.remove_reader(self.src_fd)
-        self.loop.add_writer(self.dst_fd, self._on_writable)
-
-    def _on_writable(self) -> None:
+    def on_writable(self) -> None:
+        if not self.waiting:
+            return
         try:
             if not self._write_held():
                 return
         except OSError as exc:
             self._fail(exc)
             return
-        self.loop.remove_writer(self.dst_fd)
-        self.loop.add_reader(self.src_fd, self._on_readable)
+        self.waiting = False
+        # What arrived while we waited made no new event (edge-triggered): read to the end.
+        self._read(_TO_THE_END)
 
     def _finish(self) -> None:
         self.stop()
         self.finished = True
-        try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:
-                self.relay.fail(exc)
-                return
+        if not self.relay.pumps_finished():  # else both directions are done: close sends FIN
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                if exc.errno != errno.ENOTCONN:
+                    self.relay.fail(exc)
+                    return
         log.info(self.done_message)
         self.relay.pump_finished()
 
@@ -159,8 +226,7 @@ class _Pump:
         self.relay.fail(exc)
 
     def stop(self) -> None:
-        self.loop.remove_reader(self.src_fd)
-        self.loop.remove_writer(self.dst_fd)
+        self.reading = self.waiting = False
         self._drop_carrier()
 
 
@@ -173,8 +239,9 @@ class _SplicePump(_Pump):
         super().__init__(relay, src, dst, done_message)
         self.pipe: tuple[int, int] | None = None  # borrowed while it holds bytes
         self.in_pipe = 0  # bytes in the pipe not yet written to dst
+        self.spliced_from = 0  # self.bytes when this pump took over: none spliced while equal
 
-    def _on_readable(self) -> None:
+    def _read(self, to_the_end: int) -> None:
         try:
             for _ in _READS:
                 pipe = self.pipe = _free_pipes.pop() if _free_pipes else _make_pipe()
@@ -189,22 +256,22 @@ class _SplicePump(_Pump):
                     self.relay.last_activity = self.loop.time()
                 self.in_pipe -= _splice(pipe[0], self.dst_fd, count, None, None, SPLICE_FLAGS)
                 if self.in_pipe:
-                    self._wait_for_dst()  # dst took part of the chunk
+                    self.waiting = True  # dst took part of the chunk
                     return
                 self.pipe = None
                 if len(_free_pipes) < FREE_CARRIERS_KEPT:
                     _free_pipes.append(pipe)
                 else:
                     _close_pipe(pipe)
-                if count < PIPE_SIZE:
-                    break  # src is drained; save the read that would say so (EAGAIN)
-            error = self.src.getsockopt(SOL_SOCKET, SO_ERROR)  # see _PENDING_ERROR
-            if error:
-                raise OSError(error, os.strerror(error))
+                if count < PIPE_SIZE and not to_the_end:
+                    return  # src is drained; save the read that would say so (EAGAIN)
+            self._more(to_the_end)
         except BlockingIOError:
             self._blocked(holding=self.in_pipe > 0)
         except OSError as exc:
-            if (_cannot_splice(exc) and not self.bytes) or _out_of_descriptors(exc):
+            if (_cannot_splice(exc) and self.bytes == self.spliced_from) or _out_of_descriptors(
+                exc
+            ):
                 self._switch_to_copy()
             elif not self._peer_closed(exc):
                 self._fail(exc)
@@ -241,9 +308,10 @@ class _SplicePump(_Pump):
         log.debug("no splice for %s, copying through user space", self.done_message)
         self.stop()
         copy = _CopyPump(self.relay, self.src, self.dst, self.done_message)
+        copy.may_splice = False
         copy.bytes = self.bytes
         self.relay.replace_pump(self, copy)
-        copy.start()
+        copy._read(_TO_THE_END)
 
 
 class _CopyPump(_Pump):
@@ -255,8 +323,17 @@ class _CopyPump(_Pump):
         super().__init__(relay, src, dst, done_message)
         self.buffer: memoryview | None = None  # borrowed while it holds bytes
         self.sent = self.filled = 0  # buffer[sent:filled] is not yet written to dst
+        self.may_splice = relay.splice  # move to splice when the reads grow (SPLICE_FROM)
 
-    def _on_readable(self) -> None:
+    def _switch_to_splice(self, to_the_end: int) -> None:
+        """Bulk: carry on with splice. Nothing is in hand."""
+        self.stop()
+        pump = _SplicePump(self.relay, self.src, self.dst, self.done_message)
+        pump.bytes = pump.spliced_from = self.bytes
+        self.relay.replace_pump(self, pump)
+        pump._read(to_the_end)
+
+    def _read(self, to_the_end: int) -> None:
         try:
             for _ in _READS:
                 buffer = self.buffer = _free_buffers.pop() if _free_buffers else _make_buffer()
@@ -269,17 +346,18 @@ class _CopyPump(_Pump):
                     self.relay.last_activity = self.loop.time()
                 self.sent = self.dst.send(buffer[:count])
                 if self.sent < count:
-                    self._wait_for_dst()  # dst took part of the chunk
+                    self.waiting = True  # dst took part of the chunk
                     return
                 self.buffer = None
                 self.sent = self.filled = 0
                 if len(_free_buffers) < FREE_CARRIERS_KEPT:
                     _free_buffers.append(buffer)
-                if count < COPY_CHUNK:
-                    break  # src is drained; save the read that would say so (EAGAIN)
-            error = self.src.getsockopt(SOL_SOCKET, SO_ERROR)  # see _PENDING_ERROR
-            if error:
-                raise OSError(error, os.strerror(error))
+                if count >= SPLICE_FROM and self.may_splice:
+                    self._switch_to_splice(to_the_end)
+                    return
+                if count < COPY_CHUNK and not to_the_end:
+                    return  # src is drained; save the read that would say so (EAGAIN)
+            self._more(to_the_end)
         except BlockingIOError:
             self._blocked(holding=self.filled > 0)
         except OSError as exc:
@@ -361,11 +439,10 @@ class Relay:
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.inbound, self.upstream = inbound, upstream
-        splice = use_splice_default if use_splice is None else use_splice
-        pump = _SplicePump if splice else _CopyPump
-        self.pumps: list[_Pump] = [
-            pump(self, inbound, upstream, forward_done),
-            pump(self, upstream, inbound, backward_done),
+        self.splice = use_splice_default if use_splice is None else use_splice
+        self.pumps: list[_Pump] = [  # each moves to splice when its reads grow (SPLICE_FROM)
+            _CopyPump(self, inbound, upstream, forward_done),
+            _CopyPump(self, upstream, inbound, backward_done),
         ]
         self.idle_timeout = idle_timeout
         self.last_activity = self.loop.time()
@@ -375,9 +452,26 @@ class Relay:
     def replace_pump(self, old: _Pump, new: _Pump) -> None:
         self.pumps[self.pumps.index(old)] = new
 
+    def pumps_finished(self) -> bool:
+        return self.pumps[0].finished and self.pumps[1].finished
+
     def pump_finished(self) -> None:
-        if all(pump.finished for pump in self.pumps) and not self.done.done():
+        if self.pumps_finished() and not self.done.done():
             self.done.set_result(None)
+
+    def _on_inbound_events(self, events: int) -> None:
+        forward, backward = self.pumps
+        if events & _WRITE_EVENTS:
+            backward.on_writable()
+        if events & _READ_EVENTS:
+            forward.on_readable(events)
+
+    def _on_upstream_events(self, events: int) -> None:
+        forward, backward = self.pumps
+        if events & _WRITE_EVENTS:
+            forward.on_writable()
+        if events & _READ_EVENTS:
+            backward.on_readable(events)
 
     def fail(self, exc: BaseException) -> None:
         if not self.done.done():
@@ -385,11 +479,14 @@ class Relay:
 
     async def run(self) -> None:
         clean = False
+        events = poller(self.loop)
+        fds = self.inbound.fileno(), self.upstream.fileno()
         try:
             for sock in (self.inbound, self.upstream):
-                sock.setblocking(False)
-            for pump in self.pumps:
-                pump.start()
+                if sock.gettimeout() != 0.0:  # non-blocking already, as a rule: no syscall
+                    sock.setblocking(False)
+            events.watch(fds[0], self._on_inbound_events)
+            events.watch(fds[1], self._on_upstream_events)
             if self.idle_timeout:
                 self._idle_timer = self._schedule_idle_check()
             await self.done
@@ -400,6 +497,8 @@ class Relay:
                     self._idle_timer.cancel()
                 for pump in self.pumps:
                     pump.stop()
+                for fd in fds:
+                    events.forget(fd)  # closing the socket takes it out of the epoll set
             finally:  # the sockets are closed whatever stopping the pumps did
                 for sock in (self.inbound, self.upstream):
                     if clean:
