@@ -42,6 +42,8 @@ from typing import Any
 
 VSOCK_DIR_ENV = "PF_PROXY_VSOCK_DIR"
 VMADDR_CID_ANY = 0xFFFFFFFF  # linux/vm_sockets.h: listen on every local CID
+# Sockets made non-blocking at birth: no ioctl(FIONBIO) per connection.
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 SO_VM_SOCKETS_BUFFER_SIZE = 0  # linux/vm_sockets.h (level AF_VSOCK)
 SO_VM_SOCKETS_BUFFER_MAX_SIZE = 2  # linux/vm_sockets.h
 U32_MAX = 0xFFFFFFFF
@@ -170,10 +172,11 @@ async def connect_socket(sock: socket.socket, address: object) -> None:
     Only EINPROGRESS means "wait": any other error, EAGAIN included (a Unix listener's full
     backlog), raises at once, so a socket that did not connect is never returned.
     """
-    loop = asyncio.get_running_loop()
-    sock.setblocking(False)
+    if sock.gettimeout() != 0.0:
+        sock.setblocking(False)
     err = sock.connect_ex(address)  # type: ignore[arg-type]
     if err == errno.EINPROGRESS:
+        loop = asyncio.get_running_loop()
         ready = loop.create_future()
 
         def on_writable() -> None:
@@ -224,7 +227,7 @@ class VsockEndpoint:
         )
 
     def _vsock_socket(self) -> socket.socket:
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_VSOCK, _NONBLOCKING_STREAM)
         if self.buffer_size is not None:
             try:
                 # The maximum first: a size above it is silently clamped. Integers only, as
@@ -311,7 +314,7 @@ _VSOCK_CONNECT_ERRORS = {
 
 
 async def _connect_unix(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, _NONBLOCKING_STREAM)
     try:
         await connect_socket(sock, str(path))
     except BaseException:
@@ -427,7 +430,7 @@ class IpEndpoint:
             )
             last: OSError = OSError(errno.EHOSTUNREACH, "no addresses")
             for family, kind, proto, _, sockaddr in infos:
-                sock = socket.socket(family, kind, proto)
+                sock = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)
                 try:
                     await connect_socket(sock, sockaddr)
                 except OSError as exc:

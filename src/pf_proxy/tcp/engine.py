@@ -232,6 +232,7 @@ async def handle_connection(
             f"{settings.forward} IO copy done, from {a} to {b}{detail}",
             f"{settings.backward} IO copy done, from {b} to {a}{detail}",
             idle_timeout=settings.idle_timeout,
+            loop=loop,
         )
     except BaseException:
         close_abortively(inbound)

@@ -436,8 +436,9 @@ class Relay:
         *,
         use_splice: bool | None = None,
         idle_timeout: float | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop or asyncio.get_running_loop()
         self.inbound, self.upstream = inbound, upstream
         self.splice = use_splice_default if use_splice is None else use_splice
         self.pumps: list[_Pump] = [  # each moves to splice when its reads grow (SPLICE_FROM)
