@@ -219,6 +219,13 @@ class VsockEndpoint:
         self.address = address
         self.emulation_dir = emulation_dir
         self.buffer_size = buffer_size
+        # Where an emulated connect looks, in order: the CID's own socket, then CID-any's
+        # (strings made once: a Path per connection showed in profiles).
+        self._emulated_paths = (
+            (str(self.socket_path()), str(self.socket_path(VMADDR_CID_ANY)))
+            if emulation_dir is not None
+            else ()
+        )
 
     def at_port(self, port: int) -> VsockEndpoint:
         """The same CID, emulation and buffer size, another port."""
@@ -290,9 +297,9 @@ class VsockEndpoint:
     async def _connect_emulated(self) -> socket.socket:
         """Connect as AF_VSOCK would: a listener on VMADDR_CID_ANY takes every CID; no
         listener, or a full backlog, is ECONNRESET at once (never EAGAIN, never a wait)."""
-        for cid in (self.address.cid, VMADDR_CID_ANY):
+        for path in self._emulated_paths:
             try:
-                return await _connect_unix(self.socket_path(cid))
+                return await _connect_unix(path)
             except OSError as exc:
                 if exc.errno == errno.EAGAIN:  # the listener's backlog is full
                     raise _reset() from exc
@@ -313,10 +320,10 @@ _VSOCK_CONNECT_ERRORS = {
 }
 
 
-async def _connect_unix(path: Path) -> socket.socket:
+async def _connect_unix(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, _NONBLOCKING_STREAM)
     try:
-        await connect_socket(sock, str(path))
+        await connect_socket(sock, path)
     except BaseException:
         sock.close()
         raise
