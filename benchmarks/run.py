@@ -27,7 +27,7 @@ from statistics import median
 
 import uvloop
 
-from benchmarks import rawpath
+from benchmarks import egress, rawpath, udppath
 from benchmarks.processes import (
     echo_server,
     iperf3,
@@ -53,7 +53,15 @@ LEGEND = """\
 - Raw path: iperf3 through the four raw proxies in the tuna deployment built in network
   namespaces (enclave, host, "internet"; MTU 9001; emulated vsock), against the same three
   namespaces with the host routing in the kernel instead (benchmarks/rawpath.py).
-- "Met" compares with the targets of issue 4; these are measurements, not tests."""
+- Egress by name: the transparent pair in network namespaces (emulated vsock), each
+  connection sending an HTTP request head or a real TLS ClientHello and having it echoed,
+  with `vsock-to-ip-transparent --allow-host NAME` against without it, alternating run by
+  run (benchmarks/egress.py); the name's DNS answer comes from dnsmasq, TTL 300 s.
+- DNS (UDP pair): dnsperf and lookups from new source ports against dnsmasq on loopback,
+  directly, through `udp-to-vsock` -> emulated vsock -> `vsock-to-udp`, through the socat pair
+  and through a multiplexing prototype (benchmarks/udppath.py, benchmarks/muxpair.py).
+- "Met" compares with the targets of issue 4 (issue 12 for the DNS rows); these are
+  measurements, not tests."""
 
 
 @dataclass(frozen=True)
@@ -352,6 +360,108 @@ def raw_path(settings: Settings, workdir: Path) -> list[Row]:
     return rows
 
 
+# --- f. egress by name ------------------------------------------------------------------------
+
+
+def egress_names(settings: Settings, workdir: Path) -> list[Row]:
+    """Connection rate through the transparent pair in namespaces, with --allow-host (an HTTP
+    Host, a TLS ClientHello) against without it, alternating in one run
+    (benchmarks/egress.py). Needs root (network namespaces, iptables, dnsmasq)."""
+    if os.geteuid() != 0:
+        _progress("egress by name: skipped, needs root")
+        return [Row("Egress by name (not measured: needs root)", None, None, "")]
+    result = egress.measure(settings.load_seconds, settings.runs)
+    m = result.median
+    name = f"Transparent pair, connection rate, {egress.CONCURRENCY} clients, connections/s"
+    reference = "no --allow-host"
+    starts = result.starts_with_names
+    return [
+        Row(f"{name} (no --allow-host)", m["plain"], None, ""),
+        _compare(f"{name} (--allow-host, HTTP Host)", m["http"], m["plain"], reference),
+        _compare(f"{name} (--allow-host, TLS ClientHello)", m["tls"], m["plain"], reference),
+        Row(
+            f"DNS A queries for the name, {starts} proxy runs with --allow-host",
+            result.a_queries,
+            starts,
+            "one per proxy run",
+            "= 1x",
+            result.a_queries == starts,
+        ),
+    ]
+
+
+# --- g. DNS over the UDP pair ------------------------------------------------------------------
+
+
+def udp_path(settings: Settings, workdir: Path) -> list[Row]:
+    """dnsperf and lookups from new source ports through udp-to-vsock and vsock-to-udp,
+    against dnsmasq directly and the socat pair (benchmarks/udppath.py); the targets of
+    issue 12."""
+    quick = settings.runs == 1
+    udp = udppath.Settings(
+        runs=settings.runs,
+        seconds=3 if quick else 5,
+        sustained_seconds=20 if quick else 60,
+        memory_flows=2000 if quick else 5000,
+        socat_memory_flows=200 if quick else 500,
+    )
+    results = udppath.measure_all(udp, workdir)
+    full = results["full speed"]
+    ours, socat, direct = full["pf-proxy"], full["socat"], full["direct"]
+    name = "DNS (dnsperf, 8 clients, 100 outstanding), queries/s (pf-proxy UDP pair)"
+    rows = [
+        _compare(name, ours["queries/s"], socat["queries/s"], "socat pair", at_least=3.0),
+        _compare(name, ours["queries/s"], direct["queries/s"], "dnsmasq directly"),
+    ]
+    for rate in udppath.LATENCY_RATES:
+        fixed = results[f"{rate} queries/s"]
+        rows += [
+            Row(
+                f"DNS at {rate} queries/s, lost answers (pf-proxy UDP pair)",
+                fixed["pf-proxy"]["lost"], fixed["socat"]["lost"], "socat pair", "= 0",
+                fixed["pf-proxy"]["lost"] == 0,
+            ),
+            _compare(
+                f"DNS at {rate} queries/s, p50 us (pf-proxy UDP pair)",
+                fixed["pf-proxy"]["p50 us"], fixed["socat"]["p50 us"], "socat pair",
+            ),
+            _compare(
+                f"DNS at {rate} queries/s, p99 us (pf-proxy UDP pair)",
+                fixed["pf-proxy"]["p99 us"], fixed["socat"]["p99 us"], "socat pair",
+                at_most=1.0,
+            ),
+        ]  # fmt: skip
+    ports = next(by for title, by in results.items() if title.startswith("32 in flight"))
+    new = "new ports, lookups/s"
+    rows += [
+        _compare(
+            "Lookups from a new source port each (32 in flight), lookups/s (pf-proxy UDP pair)",
+            ports["pf-proxy"][new], ports["socat"][new], "socat pair",
+        ),
+        _compare(
+            "Lookups from a new source port each (32 in flight), lookups/s (pf-proxy UDP pair)",
+            ports["pf-proxy"][new], ports[udppath.PROTOTYPE][new], "one multiplexed stream",
+        ),
+        _compare(
+            "Lookups from a new source port each, lookups/s, against 32 ports reused "
+            "(pf-proxy UDP pair)",
+            ports["pf-proxy"][new], ports["pf-proxy"]["same ports, lookups/s"], "ports reused",
+        ),
+    ]  # fmt: skip
+    sustained = results["1,000/s from new ports"]["pf-proxy"]
+    share = sustained["answered"] / sustained["sent"]
+    figure = f"1,000 lookups/s from new ports for {udp.sustained_seconds:g} s, answered share"
+    rows.append(Row(figure, share, 1.0, "all", "= 1", share == 1.0))
+    memory = results["memory per open flow"]
+    socat_flow = sum(v for k, v in memory["socat"].items() if "per flow" in k) / 2
+    for proxy in ("udp-to-vsock", "vsock-to-udp"):
+        value = memory["pf-proxy"][f"{proxy} KiB per flow"]
+        figure = f"Open flow ({udp.memory_flows} flows), KiB RSS per flow, {proxy}"
+        reference = f"socat pair PSS ({udp.socat_memory_flows} flows)"
+        rows.append(Row(figure, value, socat_flow, reference, "<= 16 KiB", value <= 16))
+    return rows
+
+
 # --- the table -------------------------------------------------------------------------------
 
 
@@ -397,7 +507,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one short run of each")
     parser.add_argument(
-        "--only", help="comma-separated subset: bulk,bulk8,rate,pingpong,memory,raw"
+        "--only",
+        help="comma-separated subset: bulk,bulk8,rate,pingpong,memory,raw,egress,udp",
     )
     args = parser.parse_args()
     settings = Settings(runs=1, bulk_seconds=2, load_seconds=1.5) if args.quick else Settings()
@@ -408,6 +519,8 @@ def main() -> int:
         "pingpong": lambda s, w: [r for c in s.pingpong_connections for r in pingpong(s, w, c)],
         "memory": memory,
         "raw": raw_path,
+        "egress": egress_names,
+        "udp": udp_path,
     }
     chosen = args.only.split(",") if args.only else list(sections)
     started = time.monotonic()

@@ -117,6 +117,24 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+# Descriptors kept for everything but connections (or UDP flows): the event loop's own, the
+# relay's pool of spare pipes, name resolution, the metrics listener.
+SPARE_FDS = 64
+MIN_CONNECTION_LIMIT = 8
+
+
+def open_file_limit() -> int:
+    """The soft RLIMIT_NOFILE now (after `raise_open_file_limit`); unlimited reads as 2**30."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 30 if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_limit(open_files: int, fds_per_connection: int) -> int:
+    """How many connections (or UDP flows) of `fds_per_connection` descriptors each fit in
+    `open_files` descriptors at once, SPARE_FDS kept aside."""
+    return max(MIN_CONNECTION_LIMIT, (open_files - SPARE_FDS) // fds_per_connection)
+
+
 def systemd_notify(state: str) -> None:
     """Send `state` (e.g. READY=1) to systemd when NOTIFY_SOCKET is set; else do nothing."""
     address = os.environ.get("NOTIFY_SOCKET")

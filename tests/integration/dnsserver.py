@@ -8,8 +8,9 @@
 It asks no upstream (`--no-resolv`), reads no /etc/hosts, and listens on the given address,
 UDP and TCP port 53 (or `port`). Names it does not know get NXDOMAIN. Host records come from a
 hosts file it rereads on SIGHUP, with `ttl` seconds as their TTL; TXT records are fixed at
-start (each string at most 255 bytes; several strings make one large answer). The process runs
-in the namespace and is stopped by pid when the block ends (and with the namespace anyway).
+start (each string at most 255 bytes, without commas; several strings make one large
+answer). The process runs in the namespace and is stopped by pid when the block ends (and
+with the namespace anyway).
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ def dnsmasq(
         "--local=/#/",  # every name is local: unknown ones are NXDOMAIN, nothing is forwarded
     ]
     for name, strings in (txt or {}).items():
-        quoted = ",".join(f'"{text}"' for text in strings)
-        args.append(f"--txt-record={name},{quoted}")
+        # No quotes: on its command line dnsmasq would keep them as part of each string.
+        assert not any("," in text for text in strings), "a TXT string with a comma"
+        args.append(f"--txt-record={name},{','.join(strings)}")
     process = ns.popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     server = DnsServer(ns, address, port, process, hosts_file, log_path)
     try:

@@ -3,9 +3,11 @@
     python -m tests.integration.echo_process tcp 127.0.0.1 PORT
     python -m tests.integration.echo_process unix /path/to/88_5000.sock
     python -m tests.integration.echo_process vsock CID PORT   (inside the guest stage only)
+    python -m tests.integration.echo_process udp HOST PORT
 
 Prints "ready" once listening, then echoes every byte of every connection and half-closes
-after the peer does. A stale socket file at the Unix path is replaced.
+after the peer does; over UDP, sends every datagram back to where it came from. A stale
+socket file at the Unix path is replaced.
 """
 
 from __future__ import annotations
@@ -28,8 +30,25 @@ def echo(conn: socket.socket) -> None:
             pass
 
 
+def echo_datagrams(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind((host, port))
+    print("ready", flush=True)
+    while True:
+        data, peer = sock.recvfrom(1 << 16)
+        try:
+            sock.sendto(data, peer)
+        except OSError:
+            pass
+
+
 def main() -> None:
     kind = sys.argv[1]
+    if kind == "udp":
+        echo_datagrams(sys.argv[2], int(sys.argv[3]))
+        return
     if kind == "tcp":
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

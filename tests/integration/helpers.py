@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from tests.vsocks import SLOWDOWN
+from tests.vsocks import SLOWDOWN, Vsock
 
 RAW_COMMANDS = [  # the four raw-proxy console scripts
     "ip-to-vsock-raw-incoming",
@@ -339,3 +339,36 @@ def echo_process(*args: str, log_dir: Path) -> Iterator[subprocess.Popen[str]]:
             process.kill()
         process.wait(30)
         errors.close()
+
+
+# How long the sockets of failed connections may take to be released.
+STEADY_WAIT = 30.0 * SLOWDOWN
+
+
+@contextmanager
+def holding_steady(vsock: Vsock, *proxies: Proxy) -> Iterator[None]:
+    """Count each proxy's sockets now; after the block, wait until each holds that many
+    again and no vsock connection is established, or fail saying what was left."""
+    before = {proxy.process.pid: socket_fds(proxy.process.pid) for proxy in proxies}
+    yield
+
+    def released() -> bool:
+        return vsock.established() == 0 and all(
+            socket_fds(pid) == count for pid, count in before.items()
+        )
+
+    try:
+        wait_until(released, "the failed connections' sockets to be released", timeout=STEADY_WAIT)
+    except AssertionError:
+        now = {pid: socket_fds(pid) for pid in before}
+        raise AssertionError(
+            f"sockets before {before}, after {now}; "
+            f"{vsock.established()} {vsock.kind} connections established"
+        ) from None
+
+
+@contextmanager
+def steady_proxy(vsock: Vsock, *args: str, log_dir: Path) -> Iterator[Proxy]:
+    """The console script `args` over `vsock`, ready; held to `holding_steady` at the end."""
+    with running(*args, log_dir=log_dir, env=vsock.env) as proxy, holding_steady(vsock, proxy):
+        yield proxy

@@ -180,3 +180,20 @@ def closed_without_data(sock: socket.socket, send: bytes = b"", connect_to: Any 
 def same_bytes(received: bytes, expected: bytes) -> None:
     assert len(received) == len(expected)
     assert hashlib.sha256(received).digest() == hashlib.sha256(expected).digest()
+
+
+@contextmanager
+def etc_file(ns: Netns, name: str, text: str) -> Iterator[Path]:
+    """/etc/netns/<ns>/<name>: what processes started in `ns` (`ip netns exec`) see as
+    /etc/<name>, e.g. resolv.conf or hosts; removed (with the directory) at the end."""
+    directory = Path("/etc/netns") / ns.name
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        (directory / name).write_text(text)
+        yield directory / name
+    finally:
+        (directory / name).unlink(missing_ok=True)
+        try:
+            directory.rmdir()
+        except OSError:
+            pass  # another file of this namespace is still there

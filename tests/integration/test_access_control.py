@@ -96,13 +96,17 @@ def send_through(vsock_dir: Path, first: bytes, payload: bytes) -> bytes:
         return b"".join(chunks)
 
 
-def assert_denied(proxy: Proxy, vsock_dir: Path, target: Target, address: str) -> None:
+def assert_denied(
+    proxy: Proxy, vsock_dir: Path, target: Target, address: str, rule: str
+) -> None:
+    """The connection is closed unanswered, logged with the address and the deciding `rule`,
+    and `target` never saw a connect."""
     text = str(ipaddress.ip_address(address))  # as Python spells it in the log
     shown = f"[{text}]:{target.port}" if ":" in text else f"{text}:{target.port}"
     received = send_through(vsock_dir, header(address, target.port), b"GET / HTTP/1.0\r\n\r\n")
     assert received == b""
     proxy.wait_for(
-        f"Closing connection from vsock {VSOCK}: destination {shown} denied by --allow/--deny",
+        f"Closing connection from vsock {VSOCK}: destination {shown} denied by {rule}",
         stream="stderr",
     )
     assert f"Proxying to: {shown}" not in proxy.stdout
@@ -124,9 +128,9 @@ def test_deny_closes_before_connecting_and_allows_the_rest(
             "Destinations: denied: 127.0.0.2/32, 127.0.0.3/32, ::1/128; everything else allowed"
             in proxy.stdout
         )
-        assert_denied(proxy, vsock_dir, targets["127.0.0.2"], "127.0.0.2")
-        assert_denied(proxy, vsock_dir, targets["127.0.0.3"], "127.0.0.3")
-        assert_denied(proxy, vsock_dir, targets["::1"], "::1")
+        assert_denied(proxy, vsock_dir, targets["127.0.0.2"], "127.0.0.2", "--deny 127.0.0.2/32")
+        assert_denied(proxy, vsock_dir, targets["127.0.0.3"], "127.0.0.3", "--deny 127.0.0.3/32")
+        assert_denied(proxy, vsock_dir, targets["::1"], "::1", "--deny ::1/128")
         assert_allowed(vsock_dir, echo)
         assert proxy.process.poll() is None
 
@@ -136,7 +140,9 @@ def test_ipv4_mapped_destination_cannot_bypass_a_deny(
 ) -> None:
     """::ffff:127.0.0.2 would reach 127.0.0.2 over IPv4: it is denied as 127.0.0.2."""
     for proxy in transparent(vsock_dir, tmp_path, "--deny", "127.0.0.2/32"):
-        assert_denied(proxy, vsock_dir, targets["127.0.0.2"], "::ffff:127.0.0.2")
+        assert_denied(
+            proxy, vsock_dir, targets["127.0.0.2"], "::ffff:127.0.0.2", "--deny 127.0.0.2/32"
+        )
         # ... while a mapped address that is not denied really is reached over IPv4
         assert_allowed(vsock_dir, echo, "::ffff:127.0.0.1")
 
@@ -146,8 +152,9 @@ def test_allow_denies_everything_else(
 ) -> None:
     for proxy in transparent(vsock_dir, tmp_path, "--allow", "127.0.0.1/32"):
         assert "allowed: 127.0.0.1/32; everything else denied" in proxy.stdout
-        assert_denied(proxy, vsock_dir, targets["127.0.0.2"], "127.0.0.2")
-        assert_denied(proxy, vsock_dir, targets["::1"], "::1")
+        not_allowed = "--allow: the address is in no --allow network"
+        assert_denied(proxy, vsock_dir, targets["127.0.0.2"], "127.0.0.2", not_allowed)
+        assert_denied(proxy, vsock_dir, targets["::1"], "::1", not_allowed)
         assert_allowed(vsock_dir, echo)
 
 
@@ -157,8 +164,8 @@ def test_deny_wins_over_allow(
     for proxy in transparent(
         vsock_dir, tmp_path, "--allow", "127.0.0.0/8", "--deny", "127.0.0.2/31"
     ):
-        assert_denied(proxy, vsock_dir, targets["127.0.0.2"], "127.0.0.2")
-        assert_denied(proxy, vsock_dir, targets["127.0.0.3"], "127.0.0.3")
+        assert_denied(proxy, vsock_dir, targets["127.0.0.2"], "127.0.0.2", "--deny 127.0.0.2/31")
+        assert_denied(proxy, vsock_dir, targets["127.0.0.3"], "127.0.0.3", "--deny 127.0.0.2/31")
         assert_allowed(vsock_dir, echo)
 
 

@@ -29,7 +29,7 @@ RAW_CAPABILITIES = {"CAP_NET_ADMIN", "CAP_NET_RAW"}
 def commands() -> dict[str, click.Command]:
     """The project's console scripts, loaded."""
     found = console_scripts()
-    assert len(found) == 9, sorted(found)
+    assert len(found) == 11, sorted(found)
     return found
 
 
@@ -69,15 +69,23 @@ def parse_command_line(line: str) -> tuple[str, click.Context]:
 
 
 def listening_port(name: str, params: dict[str, Any]) -> int | None:
-    """The TCP port a command listens on (None when it listens on vsock or nfqueue)."""
-    if name in ("ip-to-vsock", "ip-to-vsock-transparent", "transparent-port-to-vsock"):
+    """The TCP or UDP port a command listens on (None when it listens on vsock or nfqueue)."""
+    if name in (
+        "ip-to-vsock", "ip-to-vsock-transparent", "transparent-port-to-vsock", "udp-to-vsock"
+    ):  # fmt: skip
         port: int = params["ip_addr"].port
         return port
     return None
 
 
+def runs(name: str, command: str) -> bool:
+    """A unit or program is named after the command it runs, or (a second instance of a
+    command, e.g. ip-to-vsock-dns) after the command and a suffix."""
+    return name == command or (name.startswith(f"{command}-") and name not in COMMANDS)
+
+
 def test_one_unit_per_command() -> None:
-    assert {unit.stem for unit in UNITS} == set(COMMANDS)
+    assert set(COMMANDS) <= {unit.stem for unit in UNITS}
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda unit: unit.stem)
@@ -85,7 +93,7 @@ def test_unit_starts_its_command_with_valid_flags(unit: Path) -> None:
     service = parse_unit(unit)["Service"]
     (exec_start,) = service["ExecStart"]
     name, ctx = parse_command_line(exec_start)
-    assert name == unit.stem
+    assert runs(unit.stem, name)
     assert service["Type"] == ["notify"]  # every command sends READY=1 once listening
     assert service["Restart"] == ["always"]
     assert service["NoNewPrivileges"] == ["yes"]
@@ -111,7 +119,11 @@ def test_unit_capabilities_are_only_those_needed(unit: Path) -> None:
 def test_transparent_unit_denies_the_metadata_service() -> None:
     service = parse_unit(CONTRIB / "systemd" / "vsock-to-ip-transparent.service")["Service"]
     _, ctx = parse_command_line(service["ExecStart"][0])
-    policy = AccessPolicy(ctx.params["allow"], ctx.params["deny"])
+    params = ctx.params
+    assert params["deny_private"]
+    policy = AccessPolicy(
+        params["allow"], params["deny"], params["allow_hosts"], params["deny_private"]
+    )
     for denied in (
         "169.254.169.254",
         "fd00:ec2::254",
@@ -120,6 +132,8 @@ def test_transparent_unit_denies_the_metadata_service() -> None:
         "0.0.0.0",
         "::1",
         "::",
+        "10.0.0.2",
+        "172.31.0.2",
     ):
         assert not policy.permits(parse_cidr(denied).network_address), denied
     assert policy.permits(parse_cidr("93.184.216.34").network_address)
@@ -160,10 +174,15 @@ def supervisord_programs() -> dict[str, configparser.SectionProxy]:
 
 def test_supervisord_runs_every_command_with_valid_flags() -> None:
     programs = supervisord_programs()
-    assert set(programs) == set(COMMANDS)
+    assert set(COMMANDS) <= set(programs)
     for program, section in programs.items():
         name, ctx = parse_command_line(section["command"])
-        assert name == program
+        assert runs(program, name)
         assert section["autorestart"] == "true"
         assert section["stopsignal"] == "TERM"
         assert float(section["stopwaitsecs"]) > ctx.params["drain_timeout"]
+
+
+def test_supervisord_transparent_host_side_denies_private_ranges() -> None:
+    _, ctx = parse_command_line(supervisord_programs()["vsock-to-ip-transparent"]["command"])
+    assert ctx.params["deny_private"]

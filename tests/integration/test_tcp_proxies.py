@@ -289,10 +289,12 @@ def test_usage_errors_exit_2_naming_the_flag(args: list[str], flag: str) -> None
         "ip-to-vsock-transparent",
         "transparent-port-to-vsock",
         *RAW_COMMANDS,
+        "udp-to-vsock",
+        "vsock-to-udp",
     ],
 )
 def test_help_and_version(command: str) -> None:
-    """Every one of the nine commands (the raw ones too)."""
+    """Every one of the eleven commands (the raw and UDP ones too)."""
     for flag in ("-h", "--help"):
         result = run_briefly(command, flag)
         assert result.returncode == 0
@@ -318,6 +320,8 @@ VALID_FLAGS = {
     "ip-to-vsock-raw-outgoing": {"--vsock-addr": "3:1200", "--queue-num": "0"},
     "vsock-to-ip-raw-incoming": {"--vsock-addr": "88:1200", "--device": "lo"},
     "vsock-to-ip-raw-outgoing": {"--vsock-addr": "3:1200"},
+    "udp-to-vsock": {"--ip-addr": "127.0.0.1:5353", "--vsock-addr": "3:53"},
+    "vsock-to-udp": {"--vsock-addr": "3:53", "--ip-addr": "127.0.0.1:53"},
 }
 # NaN, the infinities (1e400 is one too, to float()) and a huge number; the other edges of
 # the ranges are tested in-process in tests/unit/test_options.py, on the same commands.

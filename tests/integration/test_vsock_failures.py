@@ -20,8 +20,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,7 +34,7 @@ from tests.integration.helpers import (
     read_until_end,
     recv_exactly,
     running,
-    socket_fds,
+    steady_proxy,
     wait_until,
 )
 from tests.vsocks import SLOWDOWN, Vsock
@@ -46,35 +44,6 @@ pytestmark = [pytest.mark.vsock, pytest.mark.timeout(300)]
 MiB = 1 << 20
 WAIT = 30.0 * SLOWDOWN  # the longest any single step may take before the test fails
 _LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-@contextmanager
-def holding_steady(vsock: Vsock, *proxies: Proxy) -> Iterator[None]:
-    """Count each proxy's sockets now; after the block, wait until each holds that many
-    again and no vsock connection is established, or fail saying what was left."""
-    before = {proxy.process.pid: socket_fds(proxy.process.pid) for proxy in proxies}
-    yield
-
-    def released() -> bool:
-        return vsock.established() == 0 and all(
-            socket_fds(pid) == count for pid, count in before.items()
-        )
-
-    try:
-        wait_until(released, "the failed connections' sockets to be released", timeout=WAIT)
-    except AssertionError:
-        now = {pid: socket_fds(pid) for pid in before}
-        raise AssertionError(
-            f"sockets before {before}, after {now}; "
-            f"{vsock.established()} {vsock.kind} connections established"
-        ) from None
-
-
-@contextmanager
-def steady_proxy(vsock: Vsock, *args: str, log_dir: Path) -> Iterator[Proxy]:
-    """The console script `args` over `vsock`, ready; held to `holding_steady` at the end."""
-    with running(*args, log_dir=log_dir, env=vsock.env) as proxy, holding_steady(vsock, proxy):
-        yield proxy
 
 
 def tcp_client(port: int) -> socket.socket:

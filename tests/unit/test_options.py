@@ -27,7 +27,7 @@ def test_the_range_is_a_year_down_to_a_millisecond() -> None:
 def test_every_numeric_option_of_every_command_takes_a_checked_type() -> None:
     """A command added later with click.FLOAT or a bare FloatRange (which take NaN) fails
     here: timeouts and intervals take Seconds, integers WholeNumber."""
-    assert len(COMMANDS) == 9, sorted(COMMANDS)
+    assert len(COMMANDS) == 11, sorted(COMMANDS)
     numeric = []
     for name, command in COMMANDS.items():
         for param in command.params:
@@ -38,8 +38,8 @@ def test_every_numeric_option_of_every_command_takes_a_checked_type() -> None:
                 assert isinstance(param.type, WholeNumber), (name, param.name, param.type)
                 numeric.append(param.name)
     # 5 TCP commands x 3 timeouts; 4 raw commands x (stats interval, drain timeout); 2 queues;
-    # a vsock buffer size on all nine
-    assert len(numeric) == 15 + 8 + 2 + 9
+    # 2 UDP commands x (3 timeouts, stats interval); a vsock buffer size on all eleven
+    assert len(numeric) == 15 + 8 + 2 + 8 + 11
 
 
 @pytest.mark.parametrize(
@@ -137,7 +137,7 @@ def test_defaults_pass_their_own_types() -> None:
                 assert param.type.convert(param.default, None, None) == param.default
                 checked += 1
     # every timeout and interval, and the vsock buffer size; the queue numbers are required
-    assert checked == 15 + 8 + 9
+    assert checked == 15 + 8 + 8 + 11
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from pf_proxy.endpoints import (
     parse_ip_address,
     parse_vsock_address,
 )
-from pf_proxy.tcp.access import CidrError, parse_cidr
+from pf_proxy.tcp.access import CidrError, HostPatternError, parse_cidr, parse_host_pattern
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -161,37 +161,61 @@ def command(help_text: str) -> Callable[[F], F]:
     return decorate
 
 
-def timeouts(func: F) -> F:
-    """--connect-timeout, --idle-timeout, --drain-timeout (additions; defaults are faithful)."""
-    options = [
-        click.option(
-            "--connect-timeout",
-            type=Seconds(zero=False),
-            default=10.0,
-            show_default=True,
-            metavar="SECONDS",
-            help="Give up on an upstream connect (and a transparent header read) after this.",
-        ),
-        click.option(
-            "--idle-timeout",
-            type=Seconds(zero=True),
-            default=0.0,
-            show_default="off",
-            metavar="SECONDS",
-            help="Close a connection with no traffic either way for this long (0: never).",
-        ),
-        click.option(
-            "--drain-timeout",
-            type=Seconds(zero=True),
-            default=5.0,
-            show_default=True,
-            metavar="SECONDS",
-            help="On SIGTERM/SIGINT, let open connections finish for up to this long.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+def _timeout_options(
+    connect_help: str, idle_default: float, idle_help: str, drain_help: str
+) -> Callable[[F], F]:
+    """--connect-timeout, --idle-timeout and --drain-timeout, with these defaults and helps."""
+
+    def decorate(func: F) -> F:
+        options = [
+            click.option(
+                "--connect-timeout",
+                type=Seconds(zero=False),
+                default=10.0,
+                show_default=True,
+                metavar="SECONDS",
+                help=connect_help,
+            ),
+            click.option(
+                "--idle-timeout",
+                type=Seconds(zero=True),
+                default=idle_default,
+                show_default="off" if idle_default == 0 else True,
+                metavar="SECONDS",
+                help=idle_help,
+            ),
+            click.option(
+                "--drain-timeout",
+                type=Seconds(zero=True),
+                default=5.0,
+                show_default=True,
+                metavar="SECONDS",
+                help=drain_help,
+            ),
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+# The TCP commands' (additions; the defaults are the originals' behaviour).
+timeouts = _timeout_options(
+    "Give up on an upstream connect (and a transparent header read) after this.",
+    0.0,
+    "Close a connection with no traffic either way for this long (0: never).",
+    "On SIGTERM/SIGINT, let open connections finish for up to this long.",
+)
+# The UDP commands', whose flows have no end of their own: idleness ends them.
+flow_timeouts = _timeout_options(
+    "Give up on a new flow's upstream (a vsock connect, or resolving the host name) after "
+    "this; its datagrams are dropped.",
+    30.0,
+    "End a flow with no datagram either way for this long, freeing its sockets (0: never; "
+    "flows then end only at the flow limit).",
+    "On SIGTERM/SIGINT, open no new flows and let open ones carry on for up to this long.",
+)
 
 
 # The receive buffer of every vsock socket a command opens (SO_VM_SOCKETS_BUFFER_SIZE; the
@@ -230,3 +254,35 @@ def metrics_option(func: F) -> F:
         help="Serve /metrics (Prometheus text format) and /healthz (200 while serving, 503 "
         "once draining) on this address. Default: off.",
     )(func)
+
+
+class _HostPatternType(click.ParamType):  # type: ignore[type-arg]
+    """--allow-host: a malformed pattern is a usage error (exit 2) naming the flag and why."""
+
+    name = "PATTERN"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return parse_host_pattern(value)
+        except HostPatternError as exc:
+            self.fail(f"{value!r}: {exc}", param, ctx)
+
+
+HOST_PATTERN = _HostPatternType()
+
+
+def stats_interval_counting(what: str) -> Callable[[F], F]:
+    """--stats-interval (an addition): log the counts of `what` this often when they changed."""
+    return click.option(
+        "--stats-interval",
+        type=Seconds(zero=True),
+        default=60.0,
+        show_default=True,
+        metavar="SECONDS",
+        help=f"Log the {what} counts this often when they change (0: only at exit).",
+    )
+
+
+stats_interval = stats_interval_counting("flow and datagram")

@@ -17,6 +17,7 @@ from pf_proxy.cli.options import (
     WholeNumber,
     command,
     metrics_option,
+    stats_interval_counting,
     vsock_buffer,
 )
 from pf_proxy.endpoints import IpAddress, VsockAddress, vsock_endpoint
@@ -71,14 +72,7 @@ def _service_options(func: F) -> F:
         metavar="SECONDS",
         help="On SIGTERM/SIGINT, let the packets in hand go out for up to this long.",
     )(func)
-    return click.option(
-        "--stats-interval",
-        type=Seconds(zero=True),
-        default=60.0,
-        show_default=True,
-        metavar="SECONDS",
-        help="Log the forwarded and dropped counts this often when they change (0: only at exit).",
-    )(func)
+    return stats_interval_counting("forwarded and dropped")(func)
 
 
 def _queue_to_vsock(

@@ -13,6 +13,7 @@ from pf_proxy import metrics, runtime
 from pf_proxy.cli.options import (
     CID,
     CIDR,
+    HOST_PATTERN,
     IP_LISTEN_ADDRESS,
     IP_TARGET_ADDRESS,
     VSOCK_ADDRESS,
@@ -29,7 +30,7 @@ from pf_proxy.endpoints import (
     vsock_endpoint,
 )
 from pf_proxy.tcp import engine, routes
-from pf_proxy.tcp.access import AccessPolicy, IpNetwork
+from pf_proxy.tcp.access import AccessPolicy, HostPattern, IpNetwork, ResolveError
 
 log = logging.getLogger("pf_proxy")
 
@@ -150,6 +151,26 @@ def ip_to_vsock(
     help="Never connect to destinations in this network (repeatable; deny wins over "
     "--allow), e.g. 169.254.0.0/16 for the instance metadata service.",
 )
+@click.option(
+    "--deny-private",
+    is_flag=True,
+    help="Deny what an enclave should never reach by accident: loopback, RFC 1918, "
+    "link-local (the instance metadata service), CGNAT, multicast, reserved and "
+    "documentation ranges, IPv6 ULA, link-local and loopback, and the IPv4-mapped and "
+    "NAT64 forms of the IPv4 ones.",
+)
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    type=HOST_PATTERN,
+    metavar="PATTERN",
+    help="Allow a stream whose TLS server_name (SNI) or HTTP Host is this name "
+    "(api.example.com) or below it (*.example.com), when its destination is an address "
+    "the name resolves to on this host (repeatable; with any, everything not allowed is "
+    "denied). The stream's first bytes are read (up to 16 KiB, within half the connect "
+    "timeout) and sent on first.",
+)
 @timeouts
 @vsock_buffer
 @metrics_option
@@ -157,14 +178,32 @@ def vsock_to_ip_transparent(
     vsock_addr: VsockAddress,
     allow: tuple[IpNetwork, ...],
     deny: tuple[IpNetwork, ...],
+    deny_private: bool,
+    allow_hosts: tuple[HostPattern, ...],
     vsock_buffer_size: int,
     **options: Any,
 ) -> None:
-    policy = AccessPolicy(allow, deny)
+    policy = AccessPolicy(allow, deny, allow_hosts, deny_private)
+    # The client's first bytes, and then the name's lookup, get half the connect timeout
+    # each: a client that sends nothing, or a resolver that does not answer, is denied with a
+    # line that says so, before the connect timeout would close it with a vaguer one.
+    name_timeout = options["connect_timeout"] / 2
+    resolver = None
+    if policy.needs_names:
+        # Imported here: dnspython takes 0.1-0.2 s to import, which no other command needs.
+        from pf_proxy.tcp.resolver import ResolverCache
+
+        try:
+            resolver = ResolverCache.from_system(name_timeout)
+        except ResolveError as exc:
+            raise click.ClickException(f"--allow-host needs a resolver: {exc}") from None
 
     def make_route() -> routes.Route:
         log.info("Destinations: %s", policy.describe())
-        return routes.from_destination_header(lambda dst: policy.permits(dst.address))
+        if resolver is None:
+            return routes.from_destination_header(policy)
+        log.info("Names resolved with: %s", ", ".join(resolver.nameservers))
+        return routes.from_destination_header(policy, resolver.addresses, name_timeout)
 
     listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
     _run(listen, make_route, "vsock to ip", "ip to vsock", **options)

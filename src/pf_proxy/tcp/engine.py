@@ -7,8 +7,8 @@ the listener closes, live connections get `drain_timeout` seconds to finish, the
 closed, and `serve()` returns 0.
 
 Descriptors: each relayed connection holds two sockets, and a pipe while a direction waits
-for a slow reader. So the listener accepts at most `connection_limit()` connections at once,
-computed from the open-file limit; beyond that, new connections wait in the listen backlog
+for a slow reader. So the listener accepts at most `runtime.connection_limit()` connections at
+once, computed from the open-file limit; beyond that, new connections wait in the listen backlog
 (they are not accepted only to be reset when their upstream socket cannot be opened). Should
 accept() still run out of descriptors, the listener pauses briefly instead of spinning. Either
 overload is logged once, and once more when the listener has caught up.
@@ -19,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import resource
 import signal
 import socket
 from dataclasses import dataclass
 
 from pf_proxy import metrics
 from pf_proxy.endpoints import BindError, ConnectError, Endpoint, close_abortively
-from pf_proxy.runtime import draining, systemd_notify
+from pf_proxy.runtime import connection_limit, draining, open_file_limit, systemd_notify
 from pf_proxy.tcp import metrics as tcp_metrics
 from pf_proxy.tcp.dstheader import HeaderError
 from pf_proxy.tcp.metrics import (
@@ -57,16 +56,6 @@ ACCEPTS_PER_WAKEUP = 64
 # holds bytes, and when none can be had the relay copies through user space instead, so
 # pipes do not count: 5,000 idle connections fit in 20,000 descriptors with room to spare.
 FDS_PER_CONNECTION = 2
-# Descriptors kept for everything else: the event loop's own, the relay's pool of spare
-# pipes, name resolution.
-SPARE_FDS = 64
-MIN_CONNECTION_LIMIT = 8
-
-
-def connection_limit(open_file_limit: int, fds_per_connection: int = FDS_PER_CONNECTION) -> int:
-    """How many connections (or UDP flows) of `fds_per_connection` descriptors each fit in
-    `open_file_limit` descriptors at once."""
-    return max(MIN_CONNECTION_LIMIT, (open_file_limit - SPARE_FDS) // fds_per_connection)
 
 
 @dataclass(frozen=True)
@@ -274,10 +263,9 @@ async def serve(listen: Endpoint, route: Route, settings: Settings) -> int:
         log.error("%s", exc)
         return 1
     loop = asyncio.get_running_loop()
-    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if open_files == resource.RLIM_INFINITY:
-        open_files = 1 << 30
-    listener = Listener(sock, str(listen), route, settings, connection_limit(open_files))
+    open_files = open_file_limit()
+    limit = connection_limit(open_files, FDS_PER_CONNECTION)
+    listener = Listener(sock, str(listen), route, settings, limit)
     metrics.register(
         tcp_metrics.source(listener.stats, lambda: len(listener.tasks), lambda: listener.overloaded)
     )

@@ -11,6 +11,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 from pf_proxy.endpoints import (
     Endpoint,
@@ -19,6 +20,7 @@ from pf_proxy.endpoints import (
     VsockEndpoint,
     peer_close_is_eof,
 )
+from pf_proxy.tcp.access import AccessPolicy, Lookup, Verdict
 from pf_proxy.tcp.dstheader import (
     Destination,
     HeaderError,
@@ -27,6 +29,7 @@ from pf_proxy.tcp.dstheader import (
     header_size,
 )
 from pf_proxy.tcp.origdst import original_destination
+from pf_proxy.tcp.sniff import MAX_SNIFF_BYTES, Name, NeedMore, NoName, sniff
 
 log = logging.getLogger("pf_proxy")
 
@@ -43,7 +46,11 @@ Route = Callable[[socket.socket], Awaitable[Upstream]]
 
 
 class DeniedDestination(Exception):
-    """The destination named by the peer is not allowed by --allow/--deny."""
+    """The policy denies the destination named by the peer; the message names the address,
+    the stream's host name if one was read, and the rule that decided."""
+
+
+ALLOW_EVERYTHING = AccessPolicy()  # the originals' behaviour
 
 
 def fixed(endpoint: Endpoint) -> Route:
@@ -57,17 +64,46 @@ def fixed(endpoint: Endpoint) -> Route:
 
 
 def from_destination_header(
-    allowed: Callable[[Destination], bool] = lambda _: True,
+    policy: AccessPolicy = ALLOW_EVERYTHING,
+    lookup: Lookup | None = None,
+    name_timeout: float | None = None,
 ) -> Route:
-    """vsock-to-ip-transparent: read the destination header, connect to what it names."""
+    """vsock-to-ip-transparent: read the destination header, connect to what it names.
+
+    With --allow-host patterns in `policy`, the header is read together with what follows
+    it; when the address alone does not decide, the start of the stream is read on for its
+    name (at most MAX_SNIFF_BYTES, within `name_timeout` seconds) and judged with `lookup`
+    (which has a timeout of its own). Whatever was read past the header is sent upstream
+    first. Without patterns, not a byte past the header is read here.
+    """
 
     async def route(inbound: socket.socket) -> Upstream:
-        destination = await read_destination_header(inbound)
-        if not allowed(destination):
-            raise DeniedDestination(f"destination {destination} denied by --allow/--deny")
-        log.info("Proxying to: %s", destination)
+        if policy.needs_names:  # the stream's start is wanted: read it with the header
+            destination, first_bytes = await read_destination_header_and_more(inbound)
+        else:
+            destination, first_bytes = await read_destination_header(inbound), b""
+        verdict = policy.judge_address(destination.address)
+        if verdict is None:
+            assert lookup is not None, "a policy with --allow-host needs a lookup"
+            try:
+                async with asyncio.timeout(name_timeout):
+                    first_bytes, found = await read_stream_start(inbound, first_bytes)
+            except TimeoutError:
+                verdict = Verdict(
+                    False,
+                    "--allow-host",
+                    f"no complete TLS ClientHello or HTTP request head within {name_timeout:g} s",
+                )
+            else:  # the lookup is bounded by the resolver's own timeout
+                verdict = await policy.judge_name(destination.address, found, lookup)
+        if not verdict.allowed:
+            raise DeniedDestination(verdict.describe(destination))
+        if verdict.name is not None:
+            log.info("Proxying to: %s (%s, allowed by %s)", destination, verdict.name, verdict.rule)
+        else:
+            log.info("Proxying to: %s", destination)
         endpoint = IpEndpoint(IpAddress(str(destination.address), destination.port))
-        return Upstream(await endpoint.connect(), str(destination))
+        return Upstream(await endpoint.connect(), str(destination), first_bytes=first_bytes)
 
     return route
 
@@ -109,19 +145,59 @@ async def read_destination_header(sock: socket.socket) -> Destination:
     return decode_destination(first + rest)
 
 
+async def read_destination_header_and_more(sock: socket.socket) -> tuple[Destination, bytes]:
+    """Read the header and whatever came with it, up to MAX_SNIFF_BYTES in all: one recv()
+    for both, where the header alone takes two. Returns the destination and the bytes after
+    the header."""
+    data = bytearray()
+    while not data or len(data) < header_size(data[0]):
+        chunk = await _recv(sock, MAX_SNIFF_BYTES - len(data))
+        if not chunk:
+            of = f" of {header_size(data[0])}" if data else ""
+            raise HeaderError(f"stream ended inside the destination header ({len(data)}{of} bytes)")
+        data += chunk
+    size = header_size(data[0])
+    return decode_destination(bytes(data[:size])), bytes(data[size:])
+
+
+async def read_stream_start(
+    sock: socket.socket, initial: bytes = b""
+) -> tuple[bytes, Name | NoName]:
+    """Read until the bytes so far (`initial` first) name a host or surely do not (see
+    `sniff`): at most MAX_SNIFF_BYTES, asking `sniff` again only once it can answer
+    differently. Returns everything read, `initial` included, to be sent on first, and the
+    answer."""
+    data = bytearray(initial)
+    at_least = 0  # at most MAX_SNIFF_BYTES, where sniff() decides: never a recv of 0 bytes
+    while True:
+        if len(data) >= at_least:
+            found = sniff(bytes(data))
+            if not isinstance(found, NeedMore):
+                return bytes(data), found
+            at_least = min(found.at_least, MAX_SNIFF_BYTES)
+        chunk = await _recv(sock, MAX_SNIFF_BYTES - len(data))
+        if not chunk:
+            return bytes(data), cast(Name | NoName, sniff(bytes(data), ended=True))
+        data += chunk
+
+
 async def _read_exactly(sock: socket.socket, size: int) -> bytes:
-    loop = asyncio.get_running_loop()
     data = b""
     while len(data) < size:
-        try:
-            chunk = await loop.sock_recv(sock, size - len(data))
-        except ConnectionResetError:
-            if not peer_close_is_eof(sock):
-                raise
-            chunk = b""  # emulated vsock: the peer closed, as over vsock
+        chunk = await _recv(sock, size - len(data))
         if not chunk:
             raise HeaderError(
                 f"stream ended inside the destination header ({len(data)} of {size} bytes)"
             )
         data += chunk
     return data
+
+
+async def _recv(sock: socket.socket, size: int) -> bytes:
+    """Up to `size` bytes; b"" at the end of the stream, however the peer closed."""
+    try:
+        return await asyncio.get_running_loop().sock_recv(sock, size)
+    except ConnectionResetError:
+        if not peer_close_is_eof(sock):
+            raise
+        return b""  # emulated vsock: the peer closed, as over vsock
