@@ -761,6 +761,8 @@ def test_metrics_count_flows_datagrams_and_drops(vsock_link: Vsock, tmp_path: Pa
                 "pf_proxy_udp_flows_open 1.0",
                 'pf_proxy_udp_datagrams_total{direction="from_vsock"} 3.0',
                 'pf_proxy_udp_datagrams_total{direction="to_vsock"} 2.0',
+                'pf_proxy_udp_stream_bytes_total{direction="from_vsock"} 65547.0',  # 3 frames
+                'pf_proxy_udp_stream_bytes_total{direction="to_vsock"} 10.0',
                 'pf_proxy_udp_dropped_datagrams_total{reason="udp_refused"} 1.0',
                 "pf_proxy_udp_flow_limit 9968.0",
             ):

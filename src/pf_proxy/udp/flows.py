@@ -95,6 +95,8 @@ class Counters:
     flows: int = 0  # opened
     datagrams_to_stream: int = 0
     datagrams_from_stream: int = 0
+    bytes_to_stream: int = 0  # of frames, their 2-byte lengths included
+    bytes_from_stream: int = 0
     dropped_stream_full: int = 0  # the vsock stream was slow: held back too much already
     dropped_udp: int = 0  # the UDP socket refused one (full, too large, unreachable)
     closed: Counter[str] = field(default_factory=Counter)  # by CLOSE_REASONS
@@ -184,14 +186,16 @@ class Flow:
             except OSError as exc:
                 self._send_failed(exc)
                 return
-            table.counters.datagrams_to_stream += 1
             if sent == len(frame):
+                table.counters.datagrams_to_stream += 1
+                table.counters.bytes_to_stream += sent
                 return
             held = len(frame) - sent
             if table.pending_total + held > MAX_PENDING_TOTAL and sent == 0:
-                table.counters.datagrams_to_stream -= 1
                 self._drop()
                 return
+            table.counters.datagrams_to_stream += 1
+            table.counters.bytes_to_stream += len(frame)
             self.pending = bytearray(frame[sent:])  # a frame is never cut: the rest goes next
             table.pending_total += held
             table.loop.add_writer(self.stream_fd, self._on_stream_writable)
@@ -202,6 +206,7 @@ class Flow:
                 self.pending += frame
             table.pending_total += len(frame)
             table.counters.datagrams_to_stream += 1
+            table.counters.bytes_to_stream += len(frame)
         else:
             self._drop()
 
@@ -246,6 +251,7 @@ class Flow:
                 if count == 0:
                     self._stream_ended()
                     return
+                self.table.counters.bytes_from_stream += count
                 datagrams = self.deframer.feed(buffer[:count])
                 if datagrams:
                     self.table.touch(self)

@@ -45,6 +45,15 @@ def source(table: FlowTable) -> Source:
         datagrams.add_metric(["to_vsock"], counters.datagrams_to_stream)
         datagrams.add_metric(["from_vsock"], counters.datagrams_from_stream)
         yield datagrams
+        carried = CounterMetricFamily(
+            "pf_proxy_udp_stream_bytes",
+            "Bytes of frames (each a 2-byte length and a datagram) sent down vsock streams "
+            "(to_vsock) and received from them (from_vsock).",
+            labels=["direction"],
+        )
+        carried.add_metric(["to_vsock"], counters.bytes_to_stream)
+        carried.add_metric(["from_vsock"], counters.bytes_from_stream)
+        yield carried
         dropped = CounterMetricFamily(
             "pf_proxy_udp_dropped_datagrams",
             "Datagrams dropped: vsock_stream_slow (its stream held back too much already), "
