@@ -22,7 +22,7 @@ import pytest
 from pyroute2.netns import popns, pushns
 
 from pf_proxy.raw.nfq import NfQueue, NfQueueError
-from pf_proxy.raw.rawsock import PacketRejected, RawSender
+from pf_proxy.raw.rawsock import SEND_BATCH, PacketRejected, RawSender
 from tests.netns import Netns, netns
 
 pytestmark = pytest.mark.root
@@ -204,6 +204,27 @@ def test_a_packet_that_is_not_ipv4_is_counted_and_dropped(queued: Netns) -> None
         assert nothing_arrives(receiver)
 
 
+def test_a_burst_longer_than_a_batch_is_read_in_order_over_several_calls(queued: Netns) -> None:
+    with inside(queued):
+        queue = NfQueue.open(0, batch=16)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with queue, sender:
+        for size in range(60, 60 + 40):
+            sender.sendto(udp_payload(size), ("127.0.0.1", UDP_PORT))
+        assert queue_state(queued, 0)["waiting"] == 40
+
+        reads = []
+        while sum(map(len, reads)) < 40:
+            assert select.select([queue], [], [], 5)[0]
+            reads.append([bytes(view) for view in queue.read_packets()])
+            queue.drop_read_packets()  # before the next read: the views are reused
+        assert [len(read) for read in reads] == [16, 16, 8]
+        packets = [packet for read in reads for packet in read]
+        assert [len(packet) for packet in packets] == list(range(60, 100))
+        assert all(packet[28:] == udp_payload(len(packet)) for packet in packets)
+        assert queue_state(queued, 0)["waiting"] == 0
+
+
 def test_a_packet_longer_than_the_copy_range_is_counted_not_cut(queued: Netns) -> None:
     """65535 bytes fit lo's MTU but not the kernel's 65531-byte copy range."""
     with inside(queued):
@@ -279,6 +300,69 @@ def test_raw_sender_rejects_one_packet_and_goes_on(jumbo_lo: Netns) -> None:
         assert nothing_arrives(receiver)
         assert sender.send(ipv4_udp(9001)) is True  # the socket is still good
         assert receiver.recv(65536) == udp_payload(9001)
+
+
+def test_raw_sender_batch_sends_each_packet_to_its_own_destination(jumbo_lo: Netns) -> None:
+    with inside(jumbo_lo):
+        sender = RawSender("lo")
+        first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        second = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sender, first, second:
+        first.bind(("127.0.0.1", UDP_PORT))
+        second.bind(("127.0.0.2", UDP_PORT))
+        destinations = ["127.0.0.1", "127.0.0.2"] * 40
+        packets = [ipv4_udp(100 + i, destination) for i, destination in enumerate(destinations)]
+        views = [memoryview(bytearray(packet)) for packet in packets]
+        assert sender.send_batch(views) == SEND_BATCH
+        assert sender.send_batch(views[SEND_BATCH:]) == 80 - SEND_BATCH
+
+        for receiver, offset in ((first, 0), (second, 1)):
+            sizes = [len(receiver.recv(65536)) + 28 for _ in range(40)]
+            assert sizes == list(range(100 + offset, 180, 2))
+        assert nothing_arrives(first, 0.05) and nothing_arrives(second, 0.05)
+
+
+def test_raw_sender_batch_stops_before_a_refused_packet_and_reports_it_next(
+    jumbo_lo: Netns,
+) -> None:
+    with inside(jumbo_lo):
+        sender = RawSender("lo")
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sender, receiver:
+        receiver.bind(("127.0.0.1", UDP_PORT))
+        batch = [ipv4_udp(100), ipv4_udp(200), ipv4_udp(9002), ipv4_udp(100)[:19], ipv4_udp(300)]
+        assert sender.send_batch(batch) == 2
+        with pytest.raises(PacketRejected) as raised:
+            sender.send_batch(batch[2:])
+        assert raised.value.errno == errno.EMSGSIZE
+        assert str(raised.value) == (
+            "raw send of 9002-byte packet to 127.0.0.1 failed: [Errno 90] Message too long"
+        )
+        with pytest.raises(PacketRejected, match="raw send of 19-byte packet") as raised:
+            sender.send_batch(batch[3:])
+        assert raised.value.errno == errno.EINVAL
+        assert sender.send_batch(batch[4:]) == 1
+        assert [len(receiver.recv(65536)) + 28 for _ in range(3)] == [100, 200, 300]
+        assert nothing_arrives(receiver, 0.05)
+
+
+def test_raw_sender_batch_on_a_full_socket_sends_part_then_nothing() -> None:
+    """A qdisc that releases 1 kB a second keeps the socket's (smallest) send buffer full."""
+    with netns("pfp-raw-full") as ns:
+        ns.run("ip", "link", "add", "slow0", "type", "veth", "peer", "name", "slow1")
+        ns.run("ip", "link", "set", "slow0", "arp", "off", "up")  # no neighbour to resolve
+        ns.run("ip", "link", "set", "slow1", "up")
+        ns.run("ip", "addr", "add", "10.9.0.1/24", "dev", "slow0")
+        ns.run("tc", "qdisc", "add", "dev", "slow0", "root",
+               "tbf", "rate", "8kbit", "burst", "1600", "limit", "1000000")  # fmt: skip
+        with inside(ns):
+            sender = RawSender("slow0", send_buffer_size=1)
+        with sender:
+            packets = [ipv4_udp(1500, "10.9.0.2")] * SEND_BATCH
+            sent = sender.send_batch(packets)
+            assert 0 < sent < SEND_BATCH
+            assert sender.send_batch(packets[sent:]) == 0
+            assert not select.select([], [sender], [], 0.1)[1]  # writable only once drained
 
 
 def test_raw_sender_on_a_missing_device_names_it(jumbo_lo: Netns) -> None:

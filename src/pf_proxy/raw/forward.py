@@ -30,7 +30,7 @@ from pf_proxy.raw.framing import FramingError, Ipv4StreamFramer
 from pf_proxy.raw.links import connect_with_backoff, open_with_backoff
 from pf_proxy.raw.nfq import NfQueue
 from pf_proxy.raw.policy import Drop, DropCounters
-from pf_proxy.raw.rawsock import PacketRejected, RawSender
+from pf_proxy.raw.rawsock import SEND_BATCH, PacketRejected, RawSender
 from pf_proxy.runtime import draining, systemd_notify
 
 log = logging.getLogger("pf_proxy")
@@ -39,6 +39,7 @@ LINK_BUFFER = 4 << 20  # the vsock link's send buffer: room for a burst of jumbo
 SO_SNDBUFFORCE = 32  # asm-generic/socket.h: SO_SNDBUF beyond wmem_max (CAP_NET_ADMIN)
 IOV_MAX = 1024  # limits.h: most buffers one sendmsg takes
 READS_PER_WAKEUP = 16  # vsock reads per readiness callback, so one link cannot starve a loop
+READ_SIZE = 1 << 16  # least free space one vsock read offers (the framer holds 64 KiB + 2 reads)
 
 # Drop reasons the I/O layer adds to those of policy.Drop.
 LINK_DOWN = "vsock-link-down"  # in hand when the vsock stream broke
@@ -157,19 +158,24 @@ class QueueToVsock(_Forwarder):
         if self.stopping:
             self.loop.remove_reader(queue.fileno())
             return
-        try:
-            packets = queue.read_packets()
-        except OSError as exc:
-            self._queue_failed(exc)
-            return
-        if queue.unusable_packets:
-            self.stats.drops.add(NOT_WHOLE_IPV4, queue.unusable_packets)
-            queue.unusable_packets = 0  # counted here now
-        self._pending, self._first = packets, 0
-        if self._flush() is False:  # the link is full: stop reading until it drains
-            assert self._link is not None
-            self.loop.remove_reader(queue.fileno())
-            self.loop.add_writer(self._link.fileno(), self._on_link_writable)
+        for _ in range(READS_PER_WAKEUP):  # a full batch: more may wait, read on at once
+            try:
+                packets = queue.read_packets()
+            except OSError as exc:
+                self._queue_failed(exc)
+                return
+            if queue.unusable_packets:
+                self.stats.drops.add(NOT_WHOLE_IPV4, queue.unusable_packets)
+                queue.unusable_packets = 0  # counted here now
+            self._pending, self._first = packets, 0
+            flushed = self._flush()
+            if flushed is False:  # the link is full: stop reading until it drains
+                assert self._link is not None
+                self.loop.remove_reader(queue.fileno())
+                self.loop.add_writer(self._link.fileno(), self._on_link_writable)
+                return
+            if flushed is None or self._queue is not queue or len(packets) < queue.batch:
+                return
 
     def _on_link_writable(self) -> None:
         if self._flush() is True:
@@ -324,38 +330,52 @@ class VsockToDevice(_Forwarder):
         if self._stream is stream:
             self._stream = None
 
-    def send(self, packet: memoryview) -> bool | None:
-        """Check one packet and send it on: True when done with it (sent or dropped), False
-        when the raw socket is full (send it again once writable), None when the raw socket
-        broke (the packet is dropped; :meth:`run` reopens the socket)."""
-        reason = self.check(packet)
-        if reason is not None:
-            self.stats.drops.add(reason)
-            return True
-        sender = self._sender
-        if sender is None:  # being reopened
-            self.stats.drops.add(RAW_SOCKET_BROKEN)
-            return None
-        try:
-            if not sender.send(packet):
-                return False
-        except PacketRejected as rejected:
-            self._count_rejection(rejected)
-            return True
-        except OSError as exc:
-            log.error("Raw socket on device %s failed: %s; reopening it", self.device, exc)
-            self.stats.drops.add(RAW_SOCKET_BROKEN)
-            sender.close()
-            self._sender = None
-            self._report_trouble("raw socket")
-            return None
-        self.stats.packets += 1
-        self.stats.bytes += len(packet)
-        return True
+    @property
+    def raw_socket_up(self) -> bool:
+        """Whether the raw socket is open (it is None while :meth:`run` reopens it)."""
+        return self._sender is not None
+
+    def send_checked(self, packets: list[memoryview], start: int) -> int:
+        """Send ``packets[start:]``, which passed the check, through the raw socket.
+
+        Returns the index of the first packet not yet done with: ``len(packets)`` once every
+        one was sent or dropped. Less means wait: for the raw socket to be writable while
+        :attr:`raw_socket_up`, else for :meth:`run` to reopen it (the packet it broke on is
+        dropped).
+        """
+        stats = self.stats
+        while start < len(packets):
+            sender = self._sender
+            if sender is None:
+                break
+            try:
+                sent = sender.send_batch(packets[start : start + SEND_BATCH])
+            except PacketRejected as rejected:
+                self._count_rejection(rejected)
+                start += 1
+                continue
+            except OSError as exc:
+                self._raw_socket_failed(exc)
+                start += 1
+                continue
+            if not sent:
+                break
+            stats.packets += sent
+            stats.bytes += sum(map(len, packets[start : start + sent]))
+            start += sent
+        return start
 
     def sender_fileno(self) -> int:
         assert self._sender is not None
         return self._sender.fileno()
+
+    def _raw_socket_failed(self, exc: OSError) -> None:
+        log.error("Raw socket on device %s failed: %s; reopening it", self.device, exc)
+        self.stats.drops.add(RAW_SOCKET_BROKEN)
+        assert self._sender is not None
+        self._sender.close()
+        self._sender = None
+        self._report_trouble("raw socket")
 
     def _count_rejection(self, rejected: PacketRejected) -> None:
         name = errno.errorcode.get(rejected.errno or 0, str(rejected.errno))
@@ -366,7 +386,13 @@ class VsockToDevice(_Forwarder):
 
 
 class _Stream:
-    """One accepted vsock connection of a :class:`VsockToDevice`, read in callbacks."""
+    """One accepted vsock connection of a :class:`VsockToDevice`, read in callbacks.
+
+    Each read's whole packets are checked and sent in runs of up to :data:`SEND_BATCH` (one
+    ``sendmmsg`` each). While the raw socket cannot take a run (full, or being reopened) the
+    rest of it waits in :attr:`backlog` and reading pauses, so the framer's buffer, which the
+    packets point into, is not overwritten.
+    """
 
     def __init__(self, forwarder: VsockToDevice, conn: socket.socket) -> None:
         self.forwarder = forwarder
@@ -374,10 +400,13 @@ class _Stream:
         self.conn = conn
         self.fd = conn.fileno()
         self.name = str(forwarder.listen)
-        self.framer = Ipv4StreamFramer()
-        self.packets: Iterator[memoryview] = iter(())
-        self.blocked: memoryview | None = None  # waiting for the raw socket to take it
-        self.writer_fd = -1  # the raw socket, while a packet is blocked on it
+        self.framer = Ipv4StreamFramer(READ_SIZE)
+        self.packets: Iterator[memoryview] = iter(())  # whole packets not yet checked
+        self.backlog: list[memoryview] = []  # checked, not yet sent from backlog[self.next] on
+        self.next = 0
+        self.malformed: FramingError | None = None  # met after the packets in the backlog
+        self.waiting = False  # for the raw socket: reading is paused
+        self.writer_fd = -1  # the raw socket, while waiting for it to be writable
         self.received = 0
         conn.setblocking(False)
         try:
@@ -393,8 +422,9 @@ class _Stream:
             return
         framer = self.framer
         for _ in range(READS_PER_WAKEUP):
+            space = framer.buffer_for_read()
             try:
-                count = self.conn.recv_into(framer.buffer_for_read())
+                count = self.conn.recv_into(space)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -409,57 +439,84 @@ class _Stream:
             self.received += count
             framer.commit(count)
             self.packets = framer.packets()
-            if not self._send_packets():
-                return
+            if not self._send_packets() or count < len(space):
+                return  # paused, or drained: no EAGAIN read (an exception) to learn it
 
     def _send_packets(self) -> bool:
-        """Send every whole packet received; False if reading must pause (or has ended)."""
-        forwarder = self.forwarder
+        """Send the backlog, then check and send every whole packet received; False if
+        reading must pause (or has ended)."""
+        while self._flush():
+            if self.malformed is not None:
+                self._drop_malformed(self.malformed)
+                return False
+            self.backlog, self.next = self._checked_packets(), 0
+            if not self.backlog and self.malformed is None:
+                return True
+        return False
+
+    def _checked_packets(self) -> list[memoryview]:
+        """Up to SEND_BATCH of the next whole packets that pass the check (the others are
+        counted as dropped); a malformed stream met on the way is kept in :attr:`malformed`."""
+        check, drops = self.forwarder.check, self.forwarder.stats.drops
+        batch: list[memoryview] = []
         try:
             for packet in self.packets:
-                done = forwarder.send(packet)
-                if done is False:
-                    self.loop.remove_reader(self.fd)
-                    self._block(packet)
-                    return False
-                if done is None:
-                    self.loop.remove_reader(self.fd)  # until run() has reopened the socket
-                    return False
+                reason = check(packet)
+                if reason is not None:
+                    drops.add(reason)
+                    continue
+                batch.append(packet)
+                if len(batch) == SEND_BATCH:
+                    break
         except FramingError as exc:
-            forwarder.stats.malformed_streams += 1
-            log.error(
-                "Dropping the connection on %s: malformed packet stream after %d bytes: %s",
-                self.name,
-                self.received - self.framer.pending,
-                exc,
-            )
-            self.close()
-            return False
+            self.malformed = exc
+        return batch
+
+    def _flush(self) -> bool:
+        """Send the backlog: True once it is all done with, False when it must wait for the
+        raw socket (reading paused until then)."""
+        if self.next < len(self.backlog):
+            self.next = self.forwarder.send_checked(self.backlog, self.next)
+            if self.next < len(self.backlog):
+                self._wait_for_raw_socket()
+                return False
         return True
 
-    def _block(self, packet: memoryview) -> None:
-        """Hold `packet` until the raw socket is writable (reading is paused meanwhile)."""
-        self.blocked = packet
-        self.forwarder.idle.clear()
-        self.writer_fd = self.forwarder.sender_fileno()
-        self.loop.add_writer(self.writer_fd, self._on_sender_writable)
-
-    def _on_sender_writable(self) -> None:
-        self.loop.remove_writer(self.writer_fd)
-        packet, self.blocked = self.blocked, None
-        assert packet is not None
-        done = self.forwarder.send(packet)
-        if done is False:
-            self._block(packet)
-            return
-        self.forwarder.idle.set()
-        if done and self._send_packets():
-            self.resume()
+    def _wait_for_raw_socket(self) -> None:
+        forwarder = self.forwarder
+        self.loop.remove_reader(self.fd)
+        self.waiting = True
+        forwarder.idle.clear()
+        if forwarder.raw_socket_up:  # full: wait until writable
+            self.writer_fd = forwarder.sender_fileno()
+            self.loop.add_writer(self.writer_fd, self.resume)
+        # else run() reopens it, then calls resume()
 
     def resume(self) -> None:
-        """Read again (after the raw socket drained or was reopened)."""
-        if self.conn.fileno() >= 0 and not self.forwarder.stopping:
+        """Send what is in hand, then read again (after the raw socket drained or was
+        reopened)."""
+        if self.conn.fileno() < 0:
+            return
+        if self.writer_fd >= 0:
+            self.loop.remove_writer(self.writer_fd)
+            self.writer_fd = -1
+        if not self._send_packets():  # waiting again, or closed (which ends the waiting)
+            return
+        if self.waiting:
+            self.waiting = False
+            self.forwarder.idle.set()
+        if not self.forwarder.stopping:
             self.loop.add_reader(self.fd, self._on_readable)
+
+    def _drop_malformed(self, exc: FramingError) -> None:
+        self.forwarder.stats.malformed_streams += 1
+        log.error(
+            "Dropping the connection on %s: malformed packet stream after %d bytes: %s",
+            self.name,
+            self.received - self.framer.pending,
+            exc,
+        )
+        self.close()
 
     def _ended(self) -> None:
         pending = self.framer.pending
@@ -478,10 +535,13 @@ class _Stream:
         if self.conn.fileno() < 0:
             return
         self.loop.remove_reader(self.fd)
-        if self.blocked is not None:
-            self.blocked = None
+        if self.writer_fd >= 0:
             self.loop.remove_writer(self.writer_fd)
+            self.writer_fd = -1
+        if self.waiting:
+            self.waiting = False
             self.forwarder.idle.set()
+        self.backlog, self.next = [], 0
         self.conn.close()
         self.forwarder.stream_ended(self)
 

@@ -12,11 +12,16 @@ socket with ``struct`` on one reused buffer:
   at its default 65536) can queue a longer packet, and such a packet, arriving cut, is counted
   and dropped rather than returned. The ACK is checked, so a queue that another process holds
   is a clear error;
-- :meth:`NfQueue.read_packets` receives every message waiting on the socket (up to a batch)
-  into one buffer and returns the packets as memoryviews of it. The kernel sends each packet
-  as a datagram of its own (one ``NFQNL_MSG_PACKET`` each, seen on Linux 6.18), so a read is a
-  loop of ``recv_into`` calls at successive offsets, ended by EAGAIN; the parser still walks
-  every message in a datagram;
+- :meth:`NfQueue.read_packets` receives the messages waiting on the socket with one
+  ``recvmmsg`` (:mod:`mmsg`) and returns the packets as memoryviews of the buffer they
+  arrived in. The kernel sends each packet as a datagram of its own (one
+  ``NFQNL_MSG_PACKET`` each, seen on Linux 6.18), so a burst of N packets was N ``recv_into``
+  calls and is now one call; the parser still walks every message in a datagram. Each
+  datagram gets a slot big enough for the largest message the queue can send (a full copy
+  range plus metadata, 68 KiB), because a netlink datagram cut short is gone: the kernel
+  discards the rest, and with it the packet. Slots that size cost address space rather than
+  memory (see :class:`mmsg.ReceiveBatch`): at MTU 9001, 64 slots keep about 0.8 MiB
+  resident, less than the 1 MiB read buffer they replace;
 - :meth:`NfQueue.drop_read_packets` sends one ``NFQNL_MSG_VERDICT_BATCH``: DROP for every
   packet up to the last one read.
 
@@ -34,6 +39,8 @@ import errno
 import os
 import socket
 import struct
+
+from pf_proxy.raw.mmsg import MSG_DONTWAIT, MSG_TRUNC, ReceiveBatch
 
 __all__ = ["NfQueue", "NfQueueError"]
 
@@ -68,6 +75,7 @@ COPY_RANGE = 0xFFFF
 """Copy range asked for; the kernel caps it at 0xFFFF less an attribute header (65531)."""
 
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_LENGTH_TYPE = struct.Struct("=IH")  # the start of _NLMSGHDR: all the data path needs
 _NFGENMSG = struct.Struct(">BBH")  # family, version, resource id (the queue, big-endian)
 _NLATTR = struct.Struct("=HH")  # length, type
 _NLMSGERR = struct.Struct("=i")  # negative errno, or 0 for an ACK
@@ -79,6 +87,9 @@ _TOTAL_LENGTH = struct.Struct("!H")
 _HEADERS = _NLMSGHDR.size + _NFGENMSG.size
 _PACKET_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
 _LARGEST_MESSAGE = 0x10000 + 4096  # a full copy range plus every metadata attribute
+READ_BATCH = 64
+"""Datagrams (packets) one :meth:`NfQueue.read_packets` takes at most. More is not faster:
+the forwarder comes back for the rest at once (measured in benchmarks/rawpath.py)."""
 
 
 class NfQueueError(OSError):
@@ -102,7 +113,7 @@ class NfQueue:
     send the packets on, :meth:`drop_read_packets`. Counters say what was lost on the way.
     """
 
-    def __init__(self, sock: socket.socket, queue_num: int, read_buffer_size: int) -> None:
+    def __init__(self, sock: socket.socket, queue_num: int, batch: int) -> None:
         """Use :meth:`open`; this wraps a socket already bound to the queue."""
         self.queue_num = queue_num
         self.packets_read = 0
@@ -116,10 +127,13 @@ class NfQueue:
         copy range, or another protocol queued here); they are dropped with the rest."""
         self.netlink_errors = 0
         """Error messages the kernel sent back on the data path (a verdict it refused)."""
+        self.batch = batch
+        """The most packets one :meth:`read_packets` returns."""
         self._sock = sock
-        self._buffer = bytearray(read_buffer_size + _LARGEST_MESSAGE)
-        self._view = memoryview(self._buffer)
+        self._batch = ReceiveBatch(batch, _LARGEST_MESSAGE)
+        self._view = self._batch.view
         self._last_id: int | None = None  # the last packet id read
+        self._last_header = -1  # where the batch's last packet id is, until it is read
         self._dropped_through: int | None = None  # the id of the last batch verdict sent
         self._verdict = bytearray(
             _message(
@@ -137,15 +151,15 @@ class NfQueue:
         queue_num: int,
         *,
         receive_buffer_size: int = 8 << 20,
-        read_buffer_size: int = 1 << 20,
+        batch: int = READ_BATCH,
         timeout: float = 5.0,
     ) -> NfQueue:
         """Bind nfqueue ``queue_num`` (0-65535) in this network namespace, copying whole packets.
 
         ``receive_buffer_size`` is the socket's receive buffer, which holds packets waiting to
-        be read; ``read_buffer_size`` is how many bytes one :meth:`read_packets` gathers (at
-        least one packet of any size is always read). Raises :class:`NfQueueError` when the
-        kernel refuses, e.g. because another socket holds the queue.
+        be read; ``batch`` is how many packets one :meth:`read_packets` takes at most.
+        Raises :class:`NfQueueError` when the kernel refuses, e.g. because another socket
+        holds the queue.
         """
         if not 0 <= queue_num <= 0xFFFF:
             raise ValueError(f"nfqueue number must be 0-65535, not {queue_num}")
@@ -180,34 +194,44 @@ class NfQueue:
         except BaseException:
             sock.close()
             raise
-        return cls(sock, queue_num, read_buffer_size)
+        return cls(sock, queue_num, batch)
 
     def fileno(self) -> int:
         """The netlink socket, readable when packets are queued."""
         return self._sock.fileno()
 
     def read_packets(self) -> list[memoryview]:
-        """Every packet waiting (up to the read buffer's size), oldest first; [] if none.
+        """The packets waiting (up to a batch), oldest first; [] if none.
 
-        The memoryviews point into one reused buffer: they are valid until the next call.
+        The memoryviews point into a reused buffer: they are valid until the next call.
         Send them on (``sock.sendmsg(packets)`` sends them all without joining), then call
         :meth:`drop_read_packets`. An overflowed socket buffer (ENOBUFS) is counted in
         :attr:`overruns` and reading goes on; other socket errors are raised.
         """
-        packets: list[memoryview] = []
-        view, offset = self._view, 0
-        while len(view) - offset >= _LARGEST_MESSAGE:
+        batch = self._batch
+        while True:
             try:
-                received = self._sock.recv_into(view[offset:])
+                # MSG_TRUNC: each size is the datagram's own, so a cut one shows as too big.
+                sizes = batch.receive(self._sock.fileno(), MSG_DONTWAIT | MSG_TRUNC)
             except BlockingIOError:
-                break
+                return []
             except OSError as error:
                 if error.errno != errno.ENOBUFS:
                     raise
                 self.overruns += 1
                 continue
-            self._parse(offset, offset + received, packets)
-            offset += received
+            break
+        packets: list[memoryview] = []
+        start, slot_size = 0, batch.slot_size
+        for size in sizes:
+            if size <= slot_size:
+                self._parse(start, start + size, packets)
+            else:  # cannot happen with slots for the largest message; counted if it does
+                self.unusable_packets += 1
+            start += slot_size
+        if self._last_header >= 0:  # ids rise: the last packet's is the one the verdict needs
+            (self._last_id,) = _PACKET_ID.unpack_from(self._view, self._last_header)
+            self._last_header = -1
         self.packets_read += len(packets)
         return packets
 
@@ -236,44 +260,47 @@ class NfQueue:
         self.close()
 
     def _parse(self, start: int, end: int, packets: list[memoryview]) -> None:
-        """Append the whole IPv4 packets in the netlink messages at ``buffer[start:end]``."""
-        buffer = self._buffer
+        """Append the whole IPv4 packets in the netlink messages at ``view[start:end]``."""
+        view = self._view
         while end - start >= _NLMSGHDR.size:
-            length, kind, _flags, _sequence, _port = _NLMSGHDR.unpack_from(buffer, start)
+            length, kind = _LENGTH_TYPE.unpack_from(view, start)
             if length < _NLMSGHDR.size or start + length > end:
                 return  # a cut message: nothing after it can be trusted
             if kind == _PACKET_TYPE:
-                self._parse_packet(start + _HEADERS, start + length, packets)
-            elif kind == NLMSG_ERROR and _NLMSGERR.unpack_from(buffer, start + _NLMSGHDR.size)[0]:
+                header, payload, payload_end = self._find_attributes(
+                    start + _HEADERS, start + length
+                )
+                if header >= 0:
+                    self._last_header = header
+                    size = payload_end - payload
+                    if (
+                        size >= 20
+                        and view[payload] >> 4 == 4
+                        and _TOTAL_LENGTH.unpack_from(view, payload + 2)[0] == size
+                    ):
+                        packets.append(view[payload:payload_end])
+                    else:
+                        self.unusable_packets += 1
+            elif kind == NLMSG_ERROR and _NLMSGERR.unpack_from(view, start + _NLMSGHDR.size)[0]:
                 self.netlink_errors += 1
             start += (length + 3) & ~3
 
-    def _parse_packet(self, start: int, end: int, packets: list[memoryview]) -> None:
-        buffer = self._buffer
-        packet_id: int | None = None
-        payload_start = payload_end = 0
+    def _find_attributes(self, start: int, end: int) -> tuple[int, int, int]:
+        """Where a packet message's id is, and where its payload starts and ends; the id's
+        place is -1 when the message has none."""
+        view = self._view
+        header = payload = payload_end = -1
         while end - start >= _NLATTR.size:
-            length, kind = _NLATTR.unpack_from(buffer, start)
+            length, kind = _NLATTR.unpack_from(view, start)
             if length < _NLATTR.size or start + length > end:
                 break
             kind &= NLA_TYPE_MASK
             if kind == NFQA_PACKET_HDR:
-                (packet_id,) = _PACKET_ID.unpack_from(buffer, start + _NLATTR.size)
+                header = start + _NLATTR.size
             elif kind == NFQA_PAYLOAD:
-                payload_start, payload_end = start + _NLATTR.size, start + length
+                payload, payload_end = start + _NLATTR.size, start + length
             start += (length + 3) & ~3
-        if packet_id is None:
-            return
-        self._last_id = packet_id
-        size = payload_end - payload_start
-        if (
-            size >= 20
-            and buffer[payload_start] >> 4 == 4
-            and _TOTAL_LENGTH.unpack_from(buffer, payload_start + 2)[0] == size
-        ):
-            packets.append(self._view[payload_start:payload_end])
-        else:
-            self.unusable_packets += 1
+        return header, payload, payload_end
 
 
 def _await_ack(sock: socket.socket, sequence: int) -> int:

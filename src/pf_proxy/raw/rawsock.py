@@ -18,14 +18,29 @@ A send can fail two ways, and the caller treats them differently:
   reopen the socket.
 
 A full send buffer is neither: :meth:`RawSender.send` returns False, to wait for writability.
+
+:meth:`RawSender.send_batch` sends a run of packets with one ``sendmmsg`` (:mod:`mmsg`),
+each to its own destination, and keeps those semantics per packet: the kernel stops at the
+first packet it refuses and reports how many went before it, so a refusal surfaces as the
+first packet of the next call, on its own.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+import struct
+from collections.abc import Sequence
 
-__all__ = ["PER_PACKET_ERRNOS", "PacketRejected", "RawSender"]
+from pf_proxy.raw.mmsg import Datagram, SendBatch
+
+__all__ = ["PER_PACKET_ERRNOS", "SEND_BATCH", "PacketRejected", "RawSender"]
+
+SEND_BATCH = 64
+"""Packets one :meth:`RawSender.send_batch` sends at most (one ``sendmmsg``)."""
+
+_SOCKADDR_IN = struct.Struct("=H2x4s8x")  # netinet/in.h: family (host order), port, address, zero
+_ADDRESS_OFFSET = 4  # where sin_addr is in a struct sockaddr_in
 
 PER_PACKET_ERRNOS = frozenset(
     {
@@ -57,6 +72,12 @@ class PacketRejected(Exception):
         self.errno = error.errno
 
 
+def _too_short(packet: Datagram) -> PacketRejected:
+    return PacketRejected(
+        OSError(errno.EINVAL, "shorter than an IPv4 header"), len(packet), "nowhere"
+    )
+
+
 class RawSender:
     """A non-blocking raw IPv4 socket bound to ``device``, sending header-included packets."""
 
@@ -79,6 +100,11 @@ class RawSender:
         except BaseException:
             self._sock.close()
             raise
+        self._batch = SendBatch(SEND_BATCH, _SOCKADDR_IN.size)
+        for index in range(SEND_BATCH):  # the port stays 0; send_batch writes the addresses
+            _SOCKADDR_IN.pack_into(
+                self._batch.names, index * _SOCKADDR_IN.size, socket.AF_INET, bytes(4)
+            )
 
     def fileno(self) -> int:
         """The socket, for waiting until it is writable again."""
@@ -92,8 +118,7 @@ class RawSender:
         kernel refuses this packet, OSError when the socket is broken.
         """
         if len(packet) < 20:
-            short = OSError(errno.EINVAL, "shorter than an IPv4 header")
-            raise PacketRejected(short, len(packet), "nowhere")
+            raise _too_short(packet)
         destination = socket.inet_ntoa(packet[16:20])
         try:
             self._sock.sendto(packet, (destination, 0))
@@ -104,6 +129,37 @@ class RawSender:
                 raise PacketRejected(error, len(packet), destination) from error
             raise
         return True
+
+    def send_batch(self, packets: Sequence[Datagram]) -> int:
+        """Send the first packets (up to :data:`SEND_BATCH`) with one ``sendmmsg``, each to
+        its destination address.
+
+        Returns how many were sent, in order: at least one, or 0 when the send buffer is full
+        (wait for :meth:`fileno` to be writable and send the rest again). Sending stops before
+        a packet the kernel refuses; when that packet comes first, :class:`PacketRejected`
+        is raised for it alone (none was sent: drop it and send the rest). Raises OSError
+        when the socket is broken.
+        """
+        batch = packets[:SEND_BATCH]
+        names, offset = self._batch.names, _ADDRESS_OFFSET
+        for index, packet in enumerate(batch):
+            if len(packet) < 20:  # no destination to take: refused alone, as send() does
+                if index == 0:
+                    raise _too_short(packet)
+                batch = batch[:index]
+                break
+            names[offset : offset + 4] = packet[16:20]
+            offset += _SOCKADDR_IN.size
+        try:
+            return self._batch.send(self._sock.fileno(), batch)
+        except BlockingIOError:
+            return 0
+        except OSError as error:
+            if error.errno in PER_PACKET_ERRNOS:
+                first = batch[0]
+                destination = socket.inet_ntoa(first[16:20])
+                raise PacketRejected(error, len(first), destination) from error
+            raise
 
     def close(self) -> None:
         self._sock.close()
