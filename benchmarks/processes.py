@@ -44,6 +44,7 @@ class Pair:
     kind: str
     port: int  # where clients connect
     pids: dict[str, int] = field(default_factory=dict)  # proxy name -> pid of the proxy itself
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # proxy name -> its --metrics
 
 
 def free_port() -> int:
@@ -149,10 +150,15 @@ def iperf3_server(workdir: Path) -> Iterator[int]:
 
 @contextmanager
 def pair(
-    kind: str, target_port: int, workdir: Path, vsock_buffer_size: int | None = None
+    kind: str,
+    target_port: int,
+    workdir: Path,
+    vsock_buffer_size: int | None = None,
+    metrics: bool = False,
 ) -> Iterator[Pair]:
-    """Start the pair `kind` in front of 127.0.0.1:`target_port` (`vsock_buffer_size`: the
-    `vsock` pair's --vsock-buffer-size)."""
+    """Start the pair `kind` in front of 127.0.0.1:`target_port` (`vsock_buffer_size`: our
+    pair's --vsock-buffer-size; `metrics`: each of our proxies with --metrics on a port of
+    its own)."""
     if kind == "direct":
         yield Pair(kind, target_port)
     elif kind == "socat":
@@ -169,6 +175,7 @@ def pair(
             use_splice=not kind.endswith("copy"),
             real_vsock=kind.startswith("vsock"),
             extra=extra,
+            metrics=metrics,
         ) as started:
             started.kind = kind
             yield started
@@ -184,7 +191,13 @@ def _require_guest() -> None:
 
 @contextmanager
 def _our_pair(
-    target_port: int, workdir: Path, *, use_splice: bool, real_vsock: bool, extra: list[str]
+    target_port: int,
+    workdir: Path,
+    *,
+    use_splice: bool,
+    real_vsock: bool,
+    extra: list[str],
+    metrics: bool = False,
 ) -> Iterator[Pair]:
     port, vsock_port = free_port(), free_port()
     env = {"PF_PROXY_VSOCK_DIR": str(workdir)}
@@ -197,11 +210,15 @@ def _our_pair(
         env["PF_PROXY_NO_SPLICE"] = "1"
     inner = ["vsock-to-ip", "-v", listen_address, "-i", f"127.0.0.1:{target_port}", *extra]
     outer = ["ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", connect_address, *extra]
+    metrics_ports = {"ip-to-vsock": free_port(), "vsock-to-ip": free_port()} if metrics else {}
+    if metrics:
+        inner += ["--metrics", f"127.0.0.1:{metrics_ports['vsock-to-ip']}"]
+        outer += ["--metrics", f"127.0.0.1:{metrics_ports['ip-to-vsock']}"]
     with process(inner, workdir, env) as inner_proc, process(outer, workdir, env) as outer_proc:
         for started in (inner_proc, outer_proc):
             wait_until(lambda s=started: s.said("Listening on:"), f"{started.proc.args}")
         pids = {"ip-to-vsock": outer_proc.command_pid(), "vsock-to-ip": inner_proc.command_pid()}
-        yield Pair("", port, pids)
+        yield Pair("", port, pids, metrics_ports)
 
 
 @contextmanager
