@@ -274,6 +274,12 @@ class VsockEndpoint:
                 f"Failed to bind listener to vsock {self.address}{where}: {exc.strerror or exc}",
             ) from exc
 
+    def listen_shared(self, backlog: int, count: int) -> list[socket.socket]:
+        """Listening sockets for `count` worker processes: AF_VSOCK (and the Unix socket
+        that emulates it) has no SO_REUSEPORT, so it is one socket, which every worker
+        inherits and accepts on (the list holds it `count` times)."""
+        return [self.listen(backlog)] * count
+
     async def connect(self) -> socket.socket:
         """A connected non-blocking socket; `ConnectError` names the address and says what
         the error means for vsock (ECONNRESET: nobody listens, or the backlog is full)."""
@@ -413,7 +419,8 @@ class IpEndpoint:
     def __str__(self) -> str:
         return str(self.address)
 
-    def listen(self, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+    def listen(self, backlog: int = DEFAULT_BACKLOG, reuse_port: bool = False) -> socket.socket:
+        """A bound, listening, non-blocking socket; `BindError` names the address."""
         try:
             family, _, _, _, sockaddr = socket.getaddrinfo(
                 self.address.host,
@@ -423,11 +430,32 @@ class IpEndpoint:
             )[0]
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             return _listen(sock, sockaddr, backlog)
         except OSError as exc:
             raise BindError(
                 exc.errno, f"Failed to bind listener to {self.address}: {exc.strerror or exc}"
             ) from exc
+
+    def listen_shared(self, backlog: int, count: int) -> list[socket.socket]:
+        """Listening sockets for `count` worker processes, one each, bound to the same
+        address with SO_REUSEPORT: the kernel spreads new connections over them.
+
+        SO_REUSEPORT would also let a second copy of the command (same user) bind the port
+        and take a share of its connections. So the address is first bound the ordinary way:
+        a port in use, by anything, is `BindError` as for one process.
+        """
+        self.listen(backlog).close()
+        sockets: list[socket.socket] = []
+        try:
+            for _ in range(count):
+                sockets.append(self.listen(backlog, reuse_port=True))
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        return sockets
 
     async def connect(self) -> socket.socket:
         loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -137,14 +138,20 @@ class _Scrapers:
             writer.transport.abort()
 
 
-async def serve(address: IpAddress) -> asyncio.Server:
-    """Listen on `address` for /metrics and /healthz; `BindError` names the address."""
+def bind(address: IpAddress) -> socket.socket:
+    """The listening socket for /metrics at `address`; `BindError` names the address."""
     try:
-        sock = IpEndpoint(address).listen(backlog=MAX_SCRAPERS)
+        return IpEndpoint(address).listen(backlog=MAX_SCRAPERS)
     except BindError as exc:
         raise BindError(exc.errno, f"metrics listener: {exc.strerror}") from exc
+
+
+async def serve(address: IpAddress, sock: socket.socket | None = None) -> asyncio.Server:
+    """Serve /metrics and /healthz on `address` (on `sock`, already bound there, if given);
+    `BindError` names the address."""
+    if sock is None:
+        sock = bind(address)
     scrapers = _Scrapers()
     server = await asyncio.start_server(scrapers.handle, sock=sock, limit=MAX_REQUEST)
     log.info("Metrics on: http://%s/metrics and /healthz", address)
     return server
-

@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TextIO
 
 from pf_proxy import metrics
 from pf_proxy.endpoints import BindError, IpAddress, emulation_dir_from_env
@@ -42,18 +42,41 @@ class _Formatter(logging.Formatter):
 
 
 class _LoopFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A StreamHandler that, on a running event loop, flushes at most every FLUSH_DELAY.
+    """A StreamHandler that, on a running event loop, writes at most every FLUSH_DELAY.
 
     The relays log up to three lines per connection, each in a different turn of the loop;
     flushed one by one, each line was a write(2) of its own (three of a short connection's
     43 system calls). Now the lines of FLUSH_DELAY seconds go out together. Without a running
-    loop (start-up, shutdown, other threads) every line is flushed at once, as before. A
+    loop (start-up, shutdown, other threads) every line is written at once, as before. A
     process killed by SIGKILL can lose its last FLUSH_DELAY of lines; SIGTERM, SIGINT and
     normal exits lose none (logging.shutdown flushes).
+
+    Lines are written whole, in writes of at most PIPE_BUF bytes where they fit: such a
+    write to a pipe is atomic, so the workers of ``--workers N``, which share one stdout,
+    never cut into each other's lines.
     """
 
     FLUSH_DELAY = 0.05
+    WRITE_SIZE = 4096  # PIPE_BUF on Linux (limits.h)
     _flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._size = 0  # bytes in _lines (characters, for ASCII lines)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        size = len(line) if line.isascii() else len(line.encode())
+        if self._size + size > self.WRITE_SIZE:
+            self._write()
+        self._lines.append(line)
+        self._size += size
+        self.flush()
 
     def flush(self) -> None:
         if self._flush_on is not None and self._flush_on.is_running():
@@ -67,16 +90,29 @@ class _LoopFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def _flush_now(self) -> None:
         self._flush_on = None
-        super().flush()
+        self._write()
+
+    def _write(self) -> None:
+        """Write the lines held, in one write(2) (each call holds at most WRITE_SIZE bytes,
+        or one longer line)."""
+        if not self._lines:
+            return
+        text, self._lines, self._size = "".join(self._lines), [], 0
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # stdout gone (a closed pipe): nothing to tell, nowhere to tell it
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """Information to stdout, warnings and errors to stderr (as the originals print).
+def configure_logging(level: int = logging.INFO, prefix: str = "") -> None:
+    """Information to stdout, warnings and errors to stderr (as the originals print), each
+    message after `prefix` (a worker's ``[worker K] ``).
 
     Under systemd (JOURNAL_STREAM set) the journal adds its own timestamps.
     """
     timestamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    formatter = _Formatter(f"{timestamp}%(levelname)s %(message)s")
+    formatter = _Formatter(f"{timestamp}%(levelname)s {prefix}%(message)s")
     # No log line shows where, in which thread or in which process it was made: skip
     # finding out (the logging HOWTO's "Optimization"), per line.
     logging._srcfile = None
@@ -88,6 +124,8 @@ def configure_logging(level: int = logging.INFO) -> None:
     err = _LoopFlushedHandler(sys.stderr)
     err.setLevel(logging.WARNING)
     root = logging.getLogger()
+    for old in root.handlers:
+        old.flush()
     root.handlers.clear()
     for handler in (out, err):
         handler.setFormatter(formatter)
@@ -149,27 +187,58 @@ def systemd_notify(state: str) -> None:
         log.warning("systemd notify %s to %s failed: %s", state, address, exc)
 
 
-def run(main: Coroutine[Any, Any, int], metrics_address: IpAddress | None = None) -> int:
+_ready_pipe: tuple[int, int] | None = None  # in a worker: (the pipe to the parent, its index)
+
+
+def report_ready_to(fd: int, index: int) -> None:
+    """In a worker of ``--workers``: :func:`ready` writes `index` to the parent's pipe `fd`."""
+    global _ready_pipe
+    _ready_pipe = (fd, index)
+
+
+def ready() -> None:
+    """The command serves: tell systemd (READY=1), or, in a worker, the parent."""
+    if _ready_pipe is None:
+        systemd_notify("READY=1")
+        return
+    fd, index = _ready_pipe
+    try:
+        os.write(fd, bytes([index]))
+    except OSError as exc:
+        log.warning("Could not tell the parent process that this worker is ready: %s", exc)
+
+
+def run(
+    main: Coroutine[Any, Any, int],
+    metrics_address: IpAddress | None = None,
+    metrics_socket: socket.socket | None = None,
+) -> int:
     """Run `main` on uvloop when importable (asyncio's loop otherwise); return its code.
 
     With `metrics_address`, /metrics and /healthz are served there (see :mod:`metrics`) from
-    before `main` starts until it ends; if that address cannot be bound, exit 1 at once.
+    before `main` starts until it ends, on `metrics_socket` if it is bound already; if that
+    address cannot be bound, exit 1 at once.
     """
     limit = raise_open_file_limit()
     log.info("Open file limit: %d", limit)
+    serving = _serving(main, metrics_address, metrics_socket)
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(_serving(main, metrics_address))
-    result: int = uvloop.run(_serving(main, metrics_address))
+        return asyncio.run(serving)
+    result: int = uvloop.run(serving)
     return result
 
 
-async def _serving(main: Coroutine[Any, Any, int], metrics_address: IpAddress | None) -> int:
+async def _serving(
+    main: Coroutine[Any, Any, int],
+    metrics_address: IpAddress | None,
+    metrics_socket: socket.socket | None,
+) -> int:
     server = None
     if metrics_address is not None:
         try:
-            server = await metrics.serve(metrics_address)
+            server = await metrics.serve(metrics_address, metrics_socket)
         except BindError as exc:
             log.error("%s", exc)
             main.close()

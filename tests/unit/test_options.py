@@ -38,8 +38,9 @@ def test_every_numeric_option_of_every_command_takes_a_checked_type() -> None:
                 assert isinstance(param.type, WholeNumber), (name, param.name, param.type)
                 numeric.append(param.name)
     # 5 TCP commands x 3 timeouts; 4 raw commands x (stats interval, drain timeout); 2 queues;
-    # 2 UDP commands x (3 timeouts, stats interval); a vsock buffer size on all eleven
-    assert len(numeric) == 15 + 8 + 2 + 8 + 11
+    # 2 UDP commands x (3 timeouts, stats interval); a vsock buffer size on all eleven;
+    # --workers on the 5 TCP commands
+    assert len(numeric) == 15 + 8 + 2 + 8 + 11 + 5
 
 
 @pytest.mark.parametrize(
@@ -136,8 +137,9 @@ def test_defaults_pass_their_own_types() -> None:
             ):
                 assert param.type.convert(param.default, None, None) == param.default
                 checked += 1
-    # every timeout and interval, and the vsock buffer size; the queue numbers are required
-    assert checked == 15 + 8 + 8 + 11
+    # every timeout and interval, the vsock buffer size and --workers; the queue numbers
+    # are required
+    assert checked == 15 + 8 + 8 + 11 + 5
 
 
 @pytest.mark.parametrize(

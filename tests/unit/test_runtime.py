@@ -70,3 +70,50 @@ def test_lines_on_a_running_loop_are_flushed_together_and_none_is_lost_at_the_en
         assert stream.flushes == flushes_during + 2
     finally:
         logger.removeHandler(handler)
+
+
+class _RecordingStream(io.StringIO):
+    """Each flush is one write(2) of what was written since the last: record them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        return super().write(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self.writes.append(self._pending)
+            self._pending = ""
+
+
+def test_lines_go_out_whole_in_writes_a_pipe_keeps_atomic() -> None:
+    """The workers of --workers share stdout: every write is whole lines, at most PIPE_BUF
+    bytes unless one line is longer, so no worker's write cuts into another's line."""
+    stream = _RecordingStream()
+    handler = runtime._LoopFlushedHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("test-atomic")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    lines = [f"line {index} " + "x" * (index % 300) for index in range(400)]
+    lines.insert(200, "long " + "y" * 9000)
+    lines.insert(300, "snowman \u2603 " * 400)  # 4,400 characters, 6,000 bytes
+    try:
+
+        async def busy() -> None:
+            for line in lines:
+                logger.info("%s", line)
+            await asyncio.sleep(runtime._LoopFlushedHandler.FLUSH_DELAY * 3)
+
+        asyncio.run(busy())
+    finally:
+        logger.removeHandler(handler)
+    assert "".join(stream.writes) == "".join(line + "\n" for line in lines)
+    assert len(stream.writes) > 10
+    for write in stream.writes:
+        assert write.endswith("\n")
+        assert len(write.encode()) <= 4096 or write.count("\n") == 1, write[:80]

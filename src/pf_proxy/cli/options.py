@@ -286,3 +286,20 @@ def stats_interval_counting(what: str) -> Callable[[F], F]:
 
 
 stats_interval = stats_interval_counting("flow and datagram")
+
+
+MAX_WORKERS = 128
+
+
+def workers_option(func: F) -> F:
+    """--workers N (an addition; the TCP commands)."""
+    return click.option(
+        "--workers",
+        type=WholeNumber(1, MAX_WORKERS, metavar="N"),
+        default=1,
+        show_default=True,
+        metavar="N",
+        help="Serve with N processes (at most one per CPU is useful). IP listeners get one "
+        "socket per process (SO_REUSEPORT), vsock ones one socket all processes accept on. "
+        "SIGTERM drains them all; with --metrics, process K serves it on the port plus K-1.",
+    )(func)

@@ -198,9 +198,7 @@ def vsock_to_ip_raw_incoming(
     "[default: the first eth*/ens* interface with an IPv4 address]",
 )
 @_service_options
-def vsock_to_ip_raw_outgoing(
-    vsock_addr: VsockAddress, device: str | None, **service: Any
-) -> None:
+def vsock_to_ip_raw_outgoing(vsock_addr: VsockAddress, device: str | None, **service: Any) -> None:
     runtime.start_logging()
     try:
         if device is None:

@@ -21,6 +21,7 @@ from pf_proxy.cli.options import (
     metrics_option,
     timeouts,
     vsock_buffer,
+    workers_option,
 )
 from pf_proxy.endpoints import (
     Endpoint,
@@ -66,6 +67,7 @@ def _run(
     idle_timeout: float,
     drain_timeout: float,
     metrics_address: IpAddress | None,
+    workers: int,
 ) -> None:
     runtime.start_logging()
     metrics.describe_command(click.get_current_context().info_name or "pf-proxy")
@@ -76,6 +78,8 @@ def _run(
         idle_timeout=idle_timeout or None,
         drain_timeout=drain_timeout,
     )
+    if workers > 1:
+        sys.exit(engine.serve_in_workers(listen, make_route, settings, metrics_address, workers))
 
     async def main() -> int:
         return await engine.serve(listen, make_route(), settings)
@@ -95,6 +99,7 @@ def _run(
 @timeouts
 @vsock_buffer
 @metrics_option
+@workers_option
 def vsock_to_ip(
     vsock_addr: VsockAddress, ip_addr: IpAddress, vsock_buffer_size: int, **options: Any
 ) -> None:
@@ -114,6 +119,7 @@ def vsock_to_ip(
 @timeouts
 @vsock_buffer
 @metrics_option
+@workers_option
 def ip_to_vsock(
     ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **options: Any
 ) -> None:
@@ -174,6 +180,7 @@ def ip_to_vsock(
 @timeouts
 @vsock_buffer
 @metrics_option
+@workers_option
 def vsock_to_ip_transparent(
     vsock_addr: VsockAddress,
     allow: tuple[IpNetwork, ...],
@@ -225,6 +232,7 @@ def vsock_to_ip_transparent(
 @timeouts
 @vsock_buffer
 @metrics_option
+@workers_option
 def ip_to_vsock_transparent(
     ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **options: Any
 ) -> None:
@@ -254,6 +262,7 @@ def ip_to_vsock_transparent(
 @timeouts
 @vsock_buffer
 @metrics_option
+@workers_option
 def transparent_port_to_vsock(
     ip_addr: IpAddress, cid: int, vsock_buffer_size: int, **options: Any
 ) -> None:

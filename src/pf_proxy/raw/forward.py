@@ -31,7 +31,7 @@ from pf_proxy.raw.links import connect_with_backoff, open_with_backoff
 from pf_proxy.raw.nfq import NfQueue
 from pf_proxy.raw.policy import Drop, DropCounters
 from pf_proxy.raw.rawsock import SEND_BATCH, PacketRejected, RawSender
-from pf_proxy.runtime import draining, systemd_notify
+from pf_proxy.runtime import draining, ready
 
 log = logging.getLogger("pf_proxy")
 
@@ -122,7 +122,7 @@ class QueueToVsock(_Forwarder):
                     )
                     log.info("Listening on: nfqueue %d", self.queue_num)
                     if not announced:
-                        systemd_notify("READY=1")
+                        ready()
                         announced = True
                 if self._link is None:
                     self._link = await connect_with_backoff(self.endpoint)
@@ -280,7 +280,7 @@ class VsockToDevice(_Forwarder):
                 f"listener on {self.listen}", self.listen.listen
             )
             log.info("Listening on: %s", self.listen)
-            systemd_notify("READY=1")
+            ready()
             self.loop.add_reader(self._listener.fileno(), self._on_acceptable)
             while True:
                 await self._wait_for_trouble()  # the raw socket broke: reopen it

@@ -17,15 +17,17 @@ overload is logged once, and once more when the listener has caught up.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from pf_proxy import metrics
-from pf_proxy.endpoints import BindError, ConnectError, Endpoint, close_abortively
-from pf_proxy.runtime import connection_limit, draining, open_file_limit, systemd_notify
+from pf_proxy import metrics, runtime, workers
+from pf_proxy.endpoints import BindError, ConnectError, Endpoint, IpAddress, close_abortively
+from pf_proxy.runtime import connection_limit, draining, open_file_limit, ready
 from pf_proxy.tcp import metrics as tcp_metrics
 from pf_proxy.tcp.dstheader import HeaderError
 from pf_proxy.tcp.metrics import (
@@ -255,13 +257,17 @@ def _route_outcome(exc: BaseException) -> str:
     return ROUTE_FAILED
 
 
-async def serve(listen: Endpoint, route: Route, settings: Settings) -> int:
-    """Listen on `listen` and route every connection until SIGTERM/SIGINT; return the exit code."""
-    try:
-        sock = listen.listen(settings.backlog)
-    except BindError as exc:
-        log.error("%s", exc)
-        return 1
+async def serve(
+    listen: Endpoint, route: Route, settings: Settings, sock: socket.socket | None = None
+) -> int:
+    """Listen on `listen` (on `sock`, if it listens there already) and route every connection
+    until SIGTERM/SIGINT; return the exit code."""
+    if sock is None:
+        try:
+            sock = listen.listen(settings.backlog)
+        except BindError as exc:
+            log.error("%s", exc)
+            return 1
     loop = asyncio.get_running_loop()
     open_files = open_file_limit()
     limit = connection_limit(open_files, FDS_PER_CONNECTION)
@@ -279,9 +285,66 @@ async def serve(listen: Endpoint, route: Route, settings: Settings) -> int:
         loop.add_signal_handler(signum, stop.set)
     listener.start()
     log.info("Listening on: %s", listen)
-    systemd_notify("READY=1")
+    ready()
     await stop.wait()
     log.info("Shutting down: no longer accepting on %s", listen)
     draining(f"SIGTERM or SIGINT received: draining {len(listener.tasks)} connections")
     await listener.close(settings.drain_timeout)
     return 0
+
+
+def serve_in_workers(
+    listen: Endpoint,
+    make_route: Callable[[], Route],
+    settings: Settings,
+    metrics_address: IpAddress | None,
+    count: int,
+) -> int:
+    """`serve` in `count` processes (:mod:`pf_proxy.workers`), each with a route of its own
+    and, with `metrics_address`, /metrics on that port plus its number less one; return the
+    exit code. Every address is bound here, before the workers start: a port in use is exit
+    1 at once."""
+    bound: list[socket.socket] = []
+    try:
+        listening = listen.listen_shared(settings.backlog, count)
+        bound += listening
+        metrics_sockets: list[socket.socket | None] = [None] * count
+        metrics_addresses: list[IpAddress | None] = [None] * count
+        if metrics_address is not None:
+            for index in range(count):
+                address = worker_metrics_address(metrics_address, index)
+                metrics_addresses[index] = address
+                metrics_sockets[index] = metrics.bind(address)
+                bound.append(metrics_sockets[index])  # type: ignore[arg-type]
+    except (BindError, ValueError) as exc:
+        log.error("%s", exc)
+        for sock in bound:
+            sock.close()
+        return 1
+    log.info("Serving %s with %d worker processes", listen, count)
+
+    def work(number: int) -> int:
+        index = number - 1
+        mine = (listening[index], metrics_sockets[index])
+        for sock in bound:  # the other workers' sockets are theirs
+            if not any(sock is kept for kept in mine):
+                sock.close()
+
+        async def main() -> int:
+            return await serve(listen, make_route(), settings, listening[index])
+
+        return runtime.run(main(), metrics_addresses[index], metrics_sockets[index])
+
+    def stop_listening() -> None:
+        for sock in bound:
+            sock.close()
+
+    return workers.Supervisor(count, work, stop_listening).run()
+
+
+def worker_metrics_address(first: IpAddress, index: int) -> IpAddress:
+    """Worker `index` (from 0) serves /metrics on the port `index` above `first`'s."""
+    port = first.port + index
+    if port > 0xFFFF:
+        raise ValueError(f"--metrics {first}: worker {index + 1} would need port {port}")
+    return dataclasses.replace(first, port=port)

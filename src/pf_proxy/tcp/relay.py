@@ -33,6 +33,7 @@ cannot mistake a truncated stream for a complete one; a vsock peer reads EOF, be
 no reset. For the same reason a reset read from a vsock socket (only the emulation reports
 one) is that direction's EOF, not a failure.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -108,9 +109,7 @@ class Poller:
                 handler(events)
 
 
-_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = (
-    weakref.WeakKeyDictionary()
-)
+_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = weakref.WeakKeyDictionary()
 
 
 def poller(loop: asyncio.AbstractEventLoop) -> Poller:
@@ -528,4 +527,3 @@ class Relay:
     @property
     def bytes_backward(self) -> int:
         return self.pumps[1].bytes
-

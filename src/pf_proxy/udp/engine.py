@@ -28,7 +28,7 @@ from typing import Any
 
 from pf_proxy import metrics
 from pf_proxy.endpoints import BindError, IpAddress, VsockEndpoint
-from pf_proxy.runtime import connection_limit, draining, open_file_limit, systemd_notify
+from pf_proxy.runtime import connection_limit, draining, open_file_limit, ready
 from pf_proxy.udp import metrics as udp_metrics
 from pf_proxy.udp.flows import (
     DATAGRAM_SPACE,
@@ -268,7 +268,7 @@ async def _serve(
     plane.start()
     log.info("Listening on: %s", plane.name)
     log.info("Proxying to: %s", target)
-    systemd_notify("READY=1")
+    ready()
     reporter = loop.create_task(report_periodically(table, settings.stats_interval))
     try:
         await stop.wait()
@@ -293,9 +293,7 @@ def _log_limit(limit: int, open_files: int) -> None:
     log.info("Serving up to %d flows at once (open file limit %d)", limit, open_files)
 
 
-async def serve_udp_to_vsock(
-    listen: IpAddress, upstream: VsockEndpoint, settings: Settings
-) -> int:
+async def serve_udp_to_vsock(listen: IpAddress, upstream: VsockEndpoint, settings: Settings) -> int:
     """udp-to-vsock: return the exit code (1 if the listener cannot be opened)."""
     try:
         sock = bind_udp(listen)
@@ -309,9 +307,7 @@ async def serve_udp_to_vsock(
     return await _serve(plane, table, str(upstream), settings)
 
 
-async def serve_vsock_to_udp(
-    listen: VsockEndpoint, upstream: IpAddress, settings: Settings
-) -> int:
+async def serve_vsock_to_udp(listen: VsockEndpoint, upstream: IpAddress, settings: Settings) -> int:
     """vsock-to-udp: return the exit code (1 if the listener cannot be opened)."""
     try:
         sock = listen.listen()

@@ -212,10 +212,7 @@ class Flow:
 
     def _room_for(self, size: int) -> bool:
         held = 0 if self.pending is None else len(self.pending)
-        return (
-            held + size <= MAX_PENDING
-            and self.table.pending_total + size <= MAX_PENDING_TOTAL
-        )
+        return held + size <= MAX_PENDING and self.table.pending_total + size <= MAX_PENDING_TOTAL
 
     def _drop(self) -> None:
         self.dropped += 1
@@ -350,9 +347,7 @@ class FlowTable:
     `idle_timeout`. At `limit` flows, `add()` first closes the flow idle the longest.
     """
 
-    def __init__(
-        self, limit: int, idle_timeout: float | None, stream_name: str, what: str
-    ) -> None:
+    def __init__(self, limit: int, idle_timeout: float | None, stream_name: str, what: str) -> None:
         self.loop = asyncio.get_running_loop()
         self.flows: OrderedDict[object, Flow] = OrderedDict()
         self.limit = limit
@@ -682,4 +677,3 @@ class UpstreamFlow(Flow):
             self.resolving.cancel()
             self.resolving = None
         self._close_udp()
-

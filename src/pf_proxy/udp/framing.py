@@ -119,6 +119,4 @@ class Deframer:
             )
         length = partial[0] << 8 | partial[1]
         missing = HEADER_SIZE + length - len(partial)
-        raise FramingError(
-            f"stream ended inside a frame: {missing} of its {length} bytes missing"
-        )
+        raise FramingError(f"stream ended inside a frame: {missing} of its {length} bytes missing")

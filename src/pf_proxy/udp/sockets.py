@@ -76,14 +76,10 @@ class UdpTarget:
         if self.literal_infos is not None:
             return self.literal_infos
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(
-            self.address.host, self.address.port, type=socket.SOCK_DGRAM
-        )
+        infos = await loop.getaddrinfo(self.address.host, self.address.port, type=socket.SOCK_DGRAM)
         return list(infos)
 
-    def connect(
-        self, infos: list[AddressInfo]
-    ) -> tuple[socket.socket, str, list[AddressInfo]]:
+    def connect(self, infos: list[AddressInfo]) -> tuple[socket.socket, str, list[AddressInfo]]:
         """A non-blocking UDP socket connected to the first of `infos` that takes it, that
         address's name, and the addresses after it; OSError (the last failure) if none."""
         last: OSError = OSError(errno.EHOSTUNREACH, "no addresses")
