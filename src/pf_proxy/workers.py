@@ -120,6 +120,9 @@ class Supervisor:
         self._stop_requested = True
 
     def _start(self, worker: _Worker) -> None:
+        if self.stopping:  # a worker not yet started when the command began to stop
+            worker.exit_code = 1
+            return
         parent = os.getpid()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
@@ -127,6 +130,7 @@ class Supervisor:
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             log.error("Failed to start worker %d: fork: %s", worker.index, exc)
+            worker.exit_code = 1  # nothing to wait for
             self.failed = True
             self._stop("a worker could not be started")
             return
