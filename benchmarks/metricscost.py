@@ -22,7 +22,7 @@ import threading
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from statistics import median
 
@@ -64,33 +64,34 @@ def scraping(running: Pair) -> Iterator[None]:
         scraper.join()
 
 
+@contextmanager
+def _pair_before(
+    server: AbstractContextManager[int], workdir: Path, metrics: bool
+) -> Iterator[Pair]:
+    """Our pair in front of `server`, scraped while in use when `metrics` is on."""
+    with (
+        server as port,
+        pair("splice", port, workdir, metrics=metrics) as running,
+        scraping(running),
+    ):
+        yield running
+
+
 def one_run(workdir: Path, metrics: bool, seconds: int) -> dict[str, float]:
     figures = {}
-    with (
-        iperf3_server(workdir) as server,
-        pair("splice", server, workdir, metrics=metrics) as p,
-        scraping(p),
-    ):
+    with _pair_before(iperf3_server(workdir), workdir, metrics) as p:
         before = _cpu(p)
         gbps = iperf3(p.port, 1, seconds)
         figures["one stream, Gbit/s"] = gbps
         figures["CPU ms per GB"] = (_cpu(p) - before) * 1e3 / max(gbps * seconds / 8, 1e-9)
-    with (
-        echo_server(workdir) as server,
-        pair("splice", server, workdir, metrics=metrics) as p,
-        scraping(p),
-    ):
+    with _pair_before(echo_server(workdir), workdir, metrics) as p:
         before = _cpu(p)
         rate = run_client(
             "rate", p.port, timeout=seconds + 60, duration=seconds, concurrency=32, warmup=0
         )
         figures["connections/s"] = rate["connections_per_s"]
         figures["CPU us per connection"] = (_cpu(p) - before) * 1e6 / max(rate["completed"], 1)
-    with (
-        echo_server(workdir) as server,
-        pair("splice", server, workdir, metrics=metrics) as p,
-        scraping(p),
-    ):
+    with _pair_before(echo_server(workdir), workdir, metrics) as p:
         before = _cpu(p)
         pings = run_client(
             "pingpong", p.port, timeout=seconds + 60, duration=seconds, connections=16, warmup=0

@@ -54,6 +54,24 @@ def alive(pid: int) -> bool:
     return status != "Z"
 
 
+def two_free_ports() -> int:
+    """A port P with P and P + 1 both free to listen on (as worker 1's and worker 2's
+    /metrics): a free port's neighbour may be another socket's, or in TIME_WAIT."""
+    for _ in range(100):
+        port = free_port()
+        if port >= 0xFFFF:
+            continue
+        with socket.socket() as first, socket.socket() as second:
+            try:
+                for sock, number in ((first, port), (second, port + 1)):
+                    sock.bind(("127.0.0.1", number))
+                    sock.listen()
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two free ports in a row")
+
+
 def served_by(proxy: Proxy) -> set[str]:
     """The workers that logged a relayed connection."""
     return set(re.findall(r"\[worker (\d+)\] \S+ to \S+ IO copy done", proxy.stdout))
@@ -206,7 +224,7 @@ def test_a_port_in_use_is_exit_1_before_any_worker_starts(holder: str, tmp_path:
             second.stderr
         )
         assert "Worker" not in second.stdout
-    metrics_port = free_port()
+    metrics_port = two_free_ports()
     with socket.socket() as taken:  # worker 2's /metrics port
         taken.bind(("127.0.0.1", metrics_port + 1))
         taken.listen()
@@ -274,7 +292,7 @@ def test_workers_die_with_a_killed_parent_and_free_the_port(tmp_path: Path) -> N
 
 def test_each_worker_serves_metrics_on_its_own_port(tmp_path: Path) -> None:
     env = {"PF_PROXY_VSOCK_DIR": str(tmp_path)}
-    metrics_port = free_port()
+    metrics_port = two_free_ports()
     with (
         echo_server() as echo,
         running(

@@ -305,17 +305,16 @@ def serve_in_workers(
     exit code. Every address is bound here, before the workers start: a port in use is exit
     1 at once."""
     bound: list[socket.socket] = []
+    metrics_at: list[tuple[IpAddress | None, socket.socket | None]] = [(None, None)] * count
     try:
         listening = listen.listen_shared(settings.backlog, count)
         bound += listening
-        metrics_sockets: list[socket.socket | None] = [None] * count
-        metrics_addresses: list[IpAddress | None] = [None] * count
         if metrics_address is not None:
             for index in range(count):
                 address = worker_metrics_address(metrics_address, index)
-                metrics_addresses[index] = address
-                metrics_sockets[index] = metrics.bind(address)
-                bound.append(metrics_sockets[index])  # type: ignore[arg-type]
+                metrics_socket = metrics.bind(address)
+                bound.append(metrics_socket)
+                metrics_at[index] = (address, metrics_socket)
     except (BindError, ValueError) as exc:
         log.error("%s", exc)
         for sock in bound:
@@ -325,15 +324,15 @@ def serve_in_workers(
 
     def work(number: int) -> int:
         index = number - 1
-        mine = (listening[index], metrics_sockets[index])
+        address, metrics_socket = metrics_at[index]
         for sock in bound:  # the other workers' sockets are theirs
-            if not any(sock is kept for kept in mine):
+            if sock is not listening[index] and sock is not metrics_socket:
                 sock.close()
 
         async def main() -> int:
             return await serve(listen, make_route(), settings, listening[index])
 
-        return runtime.run(main(), metrics_addresses[index], metrics_sockets[index])
+        return runtime.run(main(), address, metrics_socket)
 
     def stop_listening() -> None:
         for sock in bound:
