@@ -38,7 +38,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 VSOCK_DIR_ENV = "PF_PROXY_VSOCK_DIR"
 VMADDR_CID_ANY = 0xFFFFFFFF  # linux/vm_sockets.h: listen on every local CID
@@ -166,31 +166,55 @@ def parse_ip_address(text: str, *, allow_host_name: bool = False) -> IpAddress:
 # --- sockets --------------------------------------------------------------------------------
 
 
-async def connect_socket(sock: socket.socket, address: object) -> None:
-    """Connect a non-blocking socket of any family, waiting on the running loop.
+class Connecting(NamedTuple):
+    """A connect begun without waiting: `sock` is connected if `done`; if not, wait until it
+    is writable, then call its endpoint's `finish_connect`."""
 
-    Only EINPROGRESS means "wait": any other error, EAGAIN included (a Unix listener's full
-    backlog), raises at once, so a socket that did not connect is never returned.
-    """
-    if sock.gettimeout() != 0.0:
-        sock.setblocking(False)
+    sock: socket.socket
+    done: bool
+
+
+def begin_connect(sock: socket.socket, address: object) -> bool:
+    """Start connecting a non-blocking socket: True if connected at once, False if in
+    progress (EINPROGRESS). Any other error, EAGAIN included (a Unix listener's full
+    backlog), raises OSError, so a socket that did not connect is never taken for one."""
     err = sock.connect_ex(address)  # type: ignore[arg-type]
+    if err == 0:
+        return True
     if err == errno.EINPROGRESS:
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
+        return False
+    raise OSError(err, os.strerror(err))
 
-        def on_writable() -> None:
-            if not ready.done():
-                ready.set_result(None)
 
-        loop.add_writer(sock.fileno(), on_writable)
-        try:
-            await ready
-        finally:
-            loop.remove_writer(sock.fileno())
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+def end_connect(sock: socket.socket) -> None:
+    """After a connect in progress made `sock` writable: raise OSError if it failed."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
+
+
+async def connect_socket(sock: socket.socket, address: object) -> None:
+    """Connect a non-blocking socket of any family, waiting on the running loop."""
+    if sock.gettimeout() != 0.0:
+        sock.setblocking(False)
+    if not begin_connect(sock, address):
+        await _writable(sock)
+        end_connect(sock)
+
+
+async def _writable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def on_writable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock.fileno(), on_writable)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock.fileno())
 
 
 def _listen(sock: socket.socket, address: object, backlog: int) -> socket.socket:
@@ -280,38 +304,68 @@ class VsockEndpoint:
         inherits and accepts on (the list holds it `count` times)."""
         return [self.listen(backlog)] * count
 
-    async def connect(self) -> socket.socket:
-        """A connected non-blocking socket; `ConnectError` names the address and says what
+    def start_connect(self) -> Connecting:
+        """Begin connecting without waiting; `ConnectError` names the address and says what
         the error means for vsock (ECONNRESET: nobody listens, or the backlog is full)."""
         try:
-            if self.emulation_dir is None:
-                sock = self._vsock_socket()
-                try:
-                    await connect_socket(sock, (self.address.cid, self.address.port))
-                except BaseException:
-                    sock.close()
-                    raise
-                return sock
-            return await self._connect_emulated()
+            if self.emulation_dir is not None:
+                return self._connect_emulated()
+            sock = self._vsock_socket()
+            try:
+                return Connecting(sock, begin_connect(sock, (self.address.cid, self.address.port)))
+            except BaseException:
+                sock.close()
+                raise
         except OSError as exc:
-            meaning = _VSOCK_CONNECT_ERRORS.get(exc.errno or 0, "").format(self)
-            why = f"{meaning} ({exc.strerror})" if meaning else (exc.strerror or str(exc))
-            raise ConnectError(
-                exc.errno, f"failed to connect to vsock endpoint {self.address}: {why}"
-            ) from exc
+            raise self._connect_error(exc) from exc
 
-    async def _connect_emulated(self) -> socket.socket:
+    def finish_connect(self, sock: socket.socket) -> None:
+        """A connect in progress ended (the socket became writable): `ConnectError` if it
+        failed."""
+        try:
+            end_connect(sock)
+        except OSError as exc:
+            raise self._connect_error(exc) from exc
+
+    async def connect(self) -> socket.socket:
+        """A connected non-blocking socket (`start_connect`, waiting if need be)."""
+        return await _connect(self, self.start_connect())
+
+    def _connect_error(self, exc: OSError) -> ConnectError:
+        meaning = _VSOCK_CONNECT_ERRORS.get(exc.errno or 0, "").format(self)
+        why = f"{meaning} ({exc.strerror})" if meaning else (exc.strerror or str(exc))
+        return ConnectError(exc.errno, f"failed to connect to vsock endpoint {self.address}: {why}")
+
+    def _connect_emulated(self) -> Connecting:
         """Connect as AF_VSOCK would: a listener on VMADDR_CID_ANY takes every CID; no
         listener, or a full backlog, is ECONNRESET at once (never EAGAIN, never a wait)."""
         for path in self._emulated_paths:
+            sock = socket.socket(socket.AF_UNIX, _NONBLOCKING_STREAM)
             try:
-                return await _connect_unix(path)
+                return Connecting(sock, begin_connect(sock, path))
             except OSError as exc:
+                sock.close()
                 if exc.errno == errno.EAGAIN:  # the listener's backlog is full
                     raise _reset() from exc
                 if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
                     raise
+            except BaseException:
+                sock.close()
+                raise
         raise _reset()  # nobody listens on either path
+
+
+async def _connect(endpoint: Endpoint, connecting: Connecting) -> socket.socket:
+    """Wait for a connect `endpoint.start_connect()` began; the connected socket."""
+    sock = connecting.sock
+    if not connecting.done:
+        try:
+            await _writable(sock)
+            endpoint.finish_connect(sock)
+        except BaseException:
+            sock.close()
+            raise
+    return sock
 
 
 def _reset() -> OSError:
@@ -324,16 +378,6 @@ _VSOCK_CONNECT_ERRORS = {
     errno.ENODEV: "no such CID: nothing at {0.address.cid} is reachable over vsock",
     errno.ETIMEDOUT: "{0} did not answer within the kernel's vsock connect timeout",
 }
-
-
-async def _connect_unix(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, _NONBLOCKING_STREAM)
-    try:
-        await connect_socket(sock, path)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff=1, l_linger=0}: close sends RST
@@ -457,7 +501,38 @@ class IpEndpoint:
             raise
         return sockets
 
+    def start_connect(self) -> Connecting | None:
+        """Begin connecting an IP literal without waiting (`ConnectError` names the address);
+        None for a host name, which `connect` resolves first."""
+        infos = self._literal_infos
+        if infos is None or len(infos) != 1:
+            return None
+        family, kind, proto, _, sockaddr = infos[0]
+        try:
+            sock = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return Connecting(sock, begin_connect(sock, sockaddr))
+            except BaseException:
+                sock.close()
+                raise
+        except OSError as exc:
+            raise self._connect_error(exc) from exc
+
+    def finish_connect(self, sock: socket.socket) -> None:
+        """A connect in progress ended (the socket became writable): `ConnectError` if it
+        failed."""
+        try:
+            end_connect(sock)
+        except OSError as exc:
+            raise self._connect_error(exc) from exc
+
     async def connect(self) -> socket.socket:
+        """A connected non-blocking socket: a host name is resolved, and each of its
+        addresses tried in turn."""
+        connecting = self.start_connect()
+        if connecting is not None:
+            return await _connect(self, connecting)
         loop = asyncio.get_running_loop()
         try:
             infos = self._literal_infos or await loop.getaddrinfo(
@@ -479,10 +554,12 @@ class IpEndpoint:
                 return sock
             raise last
         except OSError as exc:
-            raise ConnectError(
-                exc.errno,
-                f"failed to connect to TCP endpoint {self.address}: {exc.strerror or exc}",
-            ) from exc
+            raise self._connect_error(exc) from exc
+
+    def _connect_error(self, exc: OSError) -> ConnectError:
+        return ConnectError(
+            exc.errno, f"failed to connect to TCP endpoint {self.address}: {exc.strerror or exc}"
+        )
 
 
 Endpoint = VsockEndpoint | IpEndpoint

@@ -31,10 +31,46 @@ def _record(created: float) -> logging.LogRecord:
     ],
 )
 def test_lines_are_what_the_default_formatter_prints(times: list[float]) -> None:
-    ours, reference = _Formatter(FORMAT), logging.Formatter(FORMAT)
+    ours, reference = _Formatter(stamped=True, prefix=""), logging.Formatter(FORMAT)
     for created in times:
         record = _record(created)
         assert ours.format(record) == reference.format(record)
+
+
+@pytest.mark.parametrize("stamped", [True, False], ids=["timestamp", "journal"])
+@pytest.mark.parametrize("prefix", ["", "[worker 2] "])
+def test_a_quick_info_line_is_what_format_makes_of_the_record(
+    stamped: bool, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    formatter = _Formatter(stamped=stamped, prefix=prefix)
+    for created in (1_795_000_000.0, 1_795_000_000.999, 1_795_000_001.25, 1_795_000_000.5):
+        monkeypatch.setattr(runtime.time, "time", lambda created=created: created)
+        assert formatter.info_line("hello x") == formatter.format(_record(created)) + "\n"
+
+
+def test_quick_info_lines_go_to_stdout_and_to_any_other_handler_through_logging(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        runtime.configure_logging()
+        caplog.handler.records.clear()
+        runtime.info("Proxying to: vsock 3:5000")  # ours alone: straight to stdout's handler
+        root.handlers[0].flush()
+        assert capsys.readouterr().out.endswith(" INFO Proxying to: vsock 3:5000\n")
+        assert caplog.records == []
+        root.addHandler(caplog.handler)  # somebody else listens too: through logging
+        runtime.info("Proxying to: vsock 3:5001")
+        assert [r.getMessage() for r in caplog.records] == ["Proxying to: vsock 3:5001"]
+        logging.getLogger("pf_proxy").setLevel(logging.WARNING)
+        root.removeHandler(caplog.handler)
+        runtime.info("Proxying to: vsock 3:5002")  # INFO is off: nothing
+        root.handlers[0].flush()
+        assert "3:5002" not in capsys.readouterr().out
+    finally:
+        logging.getLogger("pf_proxy").setLevel(logging.NOTSET)
+        root.handlers[:], root.level = saved
 
 
 class _CountingStream(io.StringIO):

@@ -14,12 +14,14 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from pf_proxy.endpoints import (
     ConnectError,
+    Connecting,
+    Endpoint,
     VsockAddress,
     VsockEndpoint,
     close_abortively,
@@ -43,6 +45,16 @@ class VsockLike(socket.socket):
         if not isinstance(value, int):
             raise TypeError("'bytes' object cannot be interpreted as an integer (AF_VSOCK)")
         super().setsockopt(level, option, value, *rest)
+
+
+class ConnectedAlready:
+    """An upstream endpoint whose connect is done: `sock`."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def start_connect(self) -> Connecting:
+        return Connecting(self.sock, True)
 
 
 def vsock_like_pair() -> tuple[VsockLike, socket.socket]:
@@ -137,8 +149,8 @@ def test_a_cancel_at_the_drain_closes_every_socket() -> None:
         upstream, server = socket.socketpair()
         upstream.setblocking(False)
 
-        async def route(_: socket.socket) -> Upstream:
-            return Upstream(upstream, "127.0.0.1:80")
+        def route(_: socket.socket) -> Upstream:
+            return Upstream(cast(Endpoint, ConnectedAlready(upstream)), "127.0.0.1:80")
 
         settings = engine.Settings("vsock to ip", "ip to vsock")
         task = asyncio.ensure_future(

@@ -1,10 +1,15 @@
 """The one engine behind the five pf-proxy commands.
 
-`serve()` opens the listener, accepts connections and hands each, as its own task, to
-`handle_connection()`: ask the route for an upstream, write the route's first bytes, relay.
-A failure in one connection is logged and closes that connection only. On SIGTERM or SIGINT
-the listener closes, live connections get `drain_timeout` seconds to finish, the rest are
-closed, and `serve()` returns 0.
+`serve()` opens the listener and accepts connections; each is a `Connection`: ask the route
+where it goes, connect there, relay (the route's first bytes go first). A failure in one
+connection is logged and closes that connection only. On SIGTERM or SIGINT the listener
+closes, live connections get `drain_timeout` seconds to finish, the rest are closed, and
+`serve()` returns 0.
+
+A connection is driven by callbacks, not a task: on the common path (a route that answers at
+once, a connect that completes at once or in the relay's own epoll set) a task, its timeout
+and its futures were a sixth of a short connection's CPU time (benchmarks/cpucost.py). A route
+that reads the stream first, or an upstream named by a host name, takes a task for that part.
 
 Descriptors: each relayed connection holds two sockets, and a pipe while a direction waits
 for a slow reader. So the listener accepts at most `runtime.connection_limit()` connections at
@@ -20,9 +25,10 @@ import asyncio
 import dataclasses
 import errno
 import logging
+import select
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pf_proxy import metrics, runtime, workers
@@ -45,8 +51,8 @@ from pf_proxy.tcp.metrics import (
     TcpStats,
 )
 from pf_proxy.tcp.origdst import OriginalDestinationError
-from pf_proxy.tcp.relay import Relay
-from pf_proxy.tcp.routes import DeniedDestination, Route
+from pf_proxy.tcp.relay import Relay, poller
+from pf_proxy.tcp.routes import DeniedDestination, Route, Upstream
 
 log = logging.getLogger("pf_proxy")
 
@@ -70,8 +76,225 @@ class Settings:
     backlog: int = 1024
 
 
+# What a route or a connect raises for one connection's own trouble: logged, that one closed.
+_ROUTE_ERRORS = (OSError, HeaderError, DeniedDestination)
+# A connect in progress is over (done or failed) when one of these comes.
+_CONNECT_OVER = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+
+
+class Connection:
+    """One accepted connection, from routing to its end; `on_end` hears how it ended, once.
+
+    Every socket it owns is closed on every path: the relay closes both of its own, and
+    before the relay starts each path closes what it opened (`close_abortively` never raises).
+    """
+
+    def __init__(
+        self,
+        inbound: socket.socket,
+        name: str,
+        route: Route,
+        settings: Settings,
+        on_end: Callable[[Connection, Ended], None],
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.inbound = inbound
+        self.name = name
+        self.route = route
+        self.settings = settings
+        self.on_end = on_end
+        self.accepted = self.loop.time()
+        self.connect_seconds: float | None = None
+        self.upstream_name = ""
+        # One of these at a time: the task routing or connecting; the upstream socket whose
+        # connect is in progress, with its timer; the relay.
+        self.task: asyncio.Task[None] | None = None
+        self.connecting: tuple[Upstream, socket.socket] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.relay: Relay | None = None
+        self.ended = False
+
+    def start(self) -> None:
+        try:
+            found = self.route(self.inbound)
+        except _ROUTE_ERRORS as exc:
+            self._refused(exc)
+            return
+        except Exception:
+            self._crashed("routing")
+            return
+        if isinstance(found, Upstream):
+            self._connect(found)
+        else:
+            self.task = self.loop.create_task(self._connect_slowly(found))
+
+    def _connect(self, upstream: Upstream) -> None:
+        """Connect without a task: at once, or waiting in the relay's epoll set."""
+        try:
+            connecting = upstream.endpoint.start_connect()
+        except OSError as exc:
+            self._refused(exc)
+            return
+        if connecting is None:  # a host name: resolve it first
+            self.task = self.loop.create_task(self._connect_slowly(upstream))
+        elif connecting.done:
+            self._connected(upstream, connecting.sock)
+        else:
+            self.connecting = upstream, connecting.sock
+            try:
+                poller(self.loop).watch(connecting.sock.fileno(), self._on_connect_event)
+            except OSError as exc:
+                self._connect_failed(exc)
+                return
+            timeout = self.settings.connect_timeout
+            if timeout is not None:
+                remaining = max(0.0, self.accepted + timeout - self.loop.time())
+                self.timer = self.loop.call_later(remaining, self._connect_timed_out)
+
+    def _on_connect_event(self, events: int) -> None:
+        assert self.connecting is not None
+        if not events & _CONNECT_OVER:
+            return
+        upstream, sock = self.connecting
+        self.connecting = None
+        if self.timer is not None:
+            self.timer.cancel()
+        try:
+            upstream.endpoint.finish_connect(sock)
+        except OSError as exc:
+            poller(self.loop).forget(sock.fileno())
+            close_abortively(sock)
+            self._refused(exc)
+            return
+        self._connected(upstream, sock, events)
+
+    def _connect_failed(self, exc: OSError) -> None:
+        assert self.connecting is not None
+        _, sock = self.connecting
+        self.connecting = None
+        close_abortively(sock)
+        self._refused(exc)
+
+    def _connect_timed_out(self) -> None:
+        assert self.connecting is not None
+        _, sock = self.connecting
+        self.connecting = None
+        poller(self.loop).forget(sock.fileno())
+        close_abortively(sock)
+        self._timed_out()
+
+    async def _connect_slowly(self, routing: Upstream | Awaitable[Upstream]) -> None:
+        """The route and the connect in a task, within the connect timeout."""
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                upstream = routing if isinstance(routing, Upstream) else await routing
+                sock = await upstream.endpoint.connect()
+        except TimeoutError:
+            self._timed_out()
+        except _ROUTE_ERRORS as exc:
+            self._refused(exc)
+        except asyncio.CancelledError:
+            self._closed_at_drain()
+            raise
+        except Exception:
+            self._crashed("routing")
+        else:
+            self.task = None
+            self._connected(upstream, sock)
+
+    def _connected(
+        self, upstream: Upstream, sock: socket.socket, events: int | None = None
+    ) -> None:
+        """Relay between the two sockets; `events`: the upstream's connect came by the
+        relay's epoll set, with these events."""
+        self.connect_seconds = self.loop.time() - self.accepted
+        self.upstream_name = upstream.name
+        settings, a, b, detail = self.settings, self.name, upstream.name, upstream.detail
+        try:
+            self.relay = Relay(
+                self.inbound,
+                sock,
+                f"{settings.forward} IO copy done, from {a} to {b}{detail}",
+                f"{settings.backward} IO copy done, from {b} to {a}{detail}",
+                first_bytes=upstream.first_bytes,
+                idle_timeout=settings.idle_timeout,
+                loop=self.loop,
+            )
+        except Exception:
+            if events is not None:
+                poller(self.loop).forget(sock.fileno())
+            close_abortively(sock)
+            self._crashed("starting the relay")
+            return
+        self.relay.start(self._relayed, events)
+
+    def _relayed(self, error: BaseException | None) -> None:
+        relay = self.relay
+        assert relay is not None
+        outcome = COMPLETED
+        if isinstance(error, asyncio.CancelledError):
+            outcome = CLOSED_AT_DRAIN
+        elif error is not None:
+            outcome = IDLE_TIMEOUT if isinstance(error, TimeoutError) else RELAY_FAILED
+            log.error(
+                "Failed to transfer data: error=%s (between %s and %s, %d and %d bytes relayed)",
+                error,
+                self.name,
+                self.upstream_name,
+                relay.bytes_forward,
+                relay.bytes_backward,
+            )
+        self._end(Ended(outcome, relay.bytes_forward, relay.bytes_backward, self.connect_seconds))
+
+    def abort(self) -> None:
+        """The drain is over: close the connection now, wherever it is."""
+        if self.relay is not None:
+            self.relay.abort()  # _relayed ends it
+        elif self.task is not None:
+            self.task.cancel()  # _connect_slowly ends it
+        elif self.connecting is not None:
+            _, sock = self.connecting
+            self.connecting = None
+            if self.timer is not None:
+                self.timer.cancel()
+            poller(self.loop).forget(sock.fileno())
+            close_abortively(sock)
+            self._closed_at_drain()
+
+    # --- the ends before a relay: the inbound socket is closed here ----------------------
+
+    def _refused(self, exc: BaseException) -> None:
+        log.error("Closing connection from %s: %s", self.name, exc)
+        close_abortively(self.inbound)
+        self._end(Ended(_route_outcome(exc)))
+
+    def _timed_out(self) -> None:
+        log.error(
+            "Closing connection from %s: no upstream within %g s (connect timeout)",
+            self.name,
+            self.settings.connect_timeout,
+        )
+        close_abortively(self.inbound)
+        self._end(Ended(CONNECT_TIMEOUT))
+
+    def _closed_at_drain(self) -> None:
+        close_abortively(self.inbound)
+        self._end(Ended(CLOSED_AT_DRAIN))
+
+    def _crashed(self, doing: str) -> None:
+        log.exception("Closing connection from %s: unexpected error while %s", self.name, doing)
+        close_abortively(self.inbound)
+        self._end(Ended(ROUTE_FAILED))
+
+    def _end(self, ended: Ended) -> None:
+        if not self.ended:
+            self.ended = True
+            self.on_end(self, ended)
+
+
 class Listener:
-    """Accepts on a listening socket and starts a task per connection, up to `max_connections`."""
+    """Accepts on a listening socket and starts a `Connection` for each, up to
+    `max_connections` at once."""
 
     def __init__(
         self,
@@ -87,22 +310,23 @@ class Listener:
         self.route = route
         self.settings = settings
         self.max_connections = max_connections
-        self.tasks: set[asyncio.Task[Ended]] = set()
+        self.connections: set[Connection] = set()
         self.overloaded = False  # an overload was logged; cleared when accept() catches up
         self.stats = TcpStats()
+        self._all_ended: asyncio.Future[None] | None = None  # set while draining
 
     def start(self) -> None:
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
         for _ in range(ACCEPTS_PER_WAKEUP):
-            if len(self.tasks) >= self.max_connections:
+            if len(self.connections) >= self.max_connections:
                 self._stop_accepting(
                     "connection_limit",
-                    f"{len(self.tasks)} connections open, the limit "
+                    f"{len(self.connections)} connections open, the limit "
                     "(it grows with the open file limit, e.g. systemd's LimitNOFILE=)",
                 )
-                return  # _connection_closed() starts accepting again
+                return  # _connection_ended() starts accepting again
             try:
                 conn, peer = self.sock.accept()
             except BlockingIOError:
@@ -113,7 +337,7 @@ class Listener:
             except OSError as exc:
                 if exc.errno in _RESOURCE_ERRORS:
                     self._stop_accepting(
-                        "descriptors", f"{exc}, with {len(self.tasks)} connections open"
+                        "descriptors", f"{exc}, with {len(self.connections)} connections open"
                     )
                     self.loop.call_later(ACCEPT_BACKOFF, self._resume)
                 else:
@@ -121,11 +345,15 @@ class Listener:
                 return
             conn.setblocking(False)
             self.stats.accepted += 1
-            task = self.loop.create_task(
-                handle_connection(conn, _peer_name(peer, self.name), self.route, self.settings)
+            connection = Connection(
+                conn,
+                _peer_name(peer, self.name),
+                self.route,
+                self.settings,
+                self._connection_ended,
             )
-            self.tasks.add(task)
-            task.add_done_callback(self._connection_closed)
+            self.connections.add(connection)
+            connection.start()
 
     def _stop_accepting(self, reason: str, why: str) -> None:
         """Leave new connections in the backlog for now; log (and count) once per overload."""
@@ -135,14 +363,15 @@ class Listener:
             self.stats.pauses[reason] += 1
         self.loop.remove_reader(self.sock.fileno())
 
-    def _connection_closed(self, task: asyncio.Task[Ended]) -> None:
-        self.tasks.discard(task)
-        if task.cancelled():
-            self.stats.end(Ended(CLOSED_AT_DRAIN))
-        elif task.exception() is None:
-            self.stats.end(task.result())
-        if self.overloaded and len(self.tasks) < self.max_connections:
-            self._resume()
+    def _connection_ended(self, connection: Connection, ended: Ended) -> None:
+        self.connections.discard(connection)
+        self.stats.end(ended)
+        if self.overloaded and len(self.connections) < self.max_connections:
+            # On the loop's next turn: this may run inside a batch of epoll events, whose
+            # later ones must not reach a socket accepted now under a reused descriptor.
+            self.loop.call_soon(self._resume)
+        if self._all_ended is not None and not self.connections and not self._all_ended.done():
+            self._all_ended.set_result(None)
 
     def _resume(self) -> None:
         if self.sock.fileno() >= 0:
@@ -150,18 +379,23 @@ class Listener:
             self._on_readable()  # accept now, or learn that nobody waits any more
 
     async def close(self, drain_timeout: float) -> None:
-        """Stop accepting; give live connections `drain_timeout` seconds, cancel the rest."""
+        """Stop accepting; give live connections `drain_timeout` seconds, close the rest."""
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
-        if self.tasks:
-            log.info("Draining %d connections for up to %g s", len(self.tasks), drain_timeout)
-            _, pending = await asyncio.wait(set(self.tasks), timeout=drain_timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                log.warning("Closed %d connections still open after the drain", len(pending))
-                await asyncio.wait(pending)
+        if not self.connections:
+            return
+        log.info("Draining %d connections for up to %g s", len(self.connections), drain_timeout)
+        self._all_ended = self.loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._all_ended), drain_timeout)
+        except TimeoutError:
+            left = list(self.connections)
+            log.warning("Closed %d connections still open after the drain", len(left))
+            for connection in left:
+                connection.abort()
+            if self.connections:  # tasks being cancelled end on the loop's next turns
+                await self._all_ended
 
 
 def _peer_name(peer: object, listener_name: str) -> str:
@@ -176,73 +410,25 @@ def _peer_name(peer: object, listener_name: str) -> str:
 async def handle_connection(
     inbound: socket.socket, inbound_name: str, route: Route, settings: Settings
 ) -> Ended:
-    """Route one accepted connection and relay it; log and close it on any failure; say how
-    it ended.
-
-    Whatever happens (a route or relay failure, a cancel at the drain), every socket the
-    connection owns is closed: `close_abortively` and `Relay.run`'s own cleanup never raise.
-    """
+    """One accepted connection through the engine, outside a listener (for tests): route,
+    connect, relay; say how it ended. Cancelled, it closes the connection (as at the drain's
+    end) and raises CancelledError."""
     loop = asyncio.get_running_loop()
-    accepted = loop.time()
-    try:
-        async with asyncio.timeout(settings.connect_timeout):
-            upstream = await route(inbound)
-    except TimeoutError:
-        log.error(
-            "Closing connection from %s: no upstream within %g s (connect timeout)",
-            inbound_name,
-            settings.connect_timeout,
-        )
-        close_abortively(inbound)
-        return Ended(CONNECT_TIMEOUT)
-    except (OSError, HeaderError, DeniedDestination) as exc:
-        log.error("Closing connection from %s: %s", inbound_name, exc)
-        close_abortively(inbound)
-        return Ended(_route_outcome(exc))
-    except BaseException:
-        close_abortively(inbound)
-        raise
-    connect_seconds = loop.time() - accepted
+    result: asyncio.Future[Ended] = loop.create_future()
 
-    try:
-        if upstream.first_bytes:
-            await loop.sock_sendall(upstream.sock, upstream.first_bytes)
-    except BaseException as exc:
-        close_abortively(inbound)
-        close_abortively(upstream.sock)
-        if not isinstance(exc, OSError):
-            raise
-        log.error("Failed to transfer data: error=%s (to %s)", exc, upstream.name)
-        return Ended(RELAY_FAILED, connect_seconds=connect_seconds)
+    def on_end(_: Connection, ended: Ended) -> None:
+        if not result.done():
+            result.set_result(ended)
 
-    a, b, detail = inbound_name, upstream.name, upstream.detail
+    connection = Connection(inbound, inbound_name, route, settings, on_end)
+    connection.start()
     try:
-        relay = Relay(
-            inbound,
-            upstream.sock,
-            f"{settings.forward} IO copy done, from {a} to {b}{detail}",
-            f"{settings.backward} IO copy done, from {b} to {a}{detail}",
-            idle_timeout=settings.idle_timeout,
-            loop=loop,
-        )
-    except BaseException:
-        close_abortively(inbound)
-        close_abortively(upstream.sock)
+        return await asyncio.shield(result)
+    except asyncio.CancelledError:
+        connection.abort()
+        if not result.done():
+            await result  # a task being cancelled ends on the loop's next turns
         raise
-    outcome = COMPLETED
-    try:
-        await relay.run()  # closes both sockets, whatever happens
-    except (OSError, TimeoutError) as exc:
-        outcome = IDLE_TIMEOUT if isinstance(exc, TimeoutError) else RELAY_FAILED
-        log.error(
-            "Failed to transfer data: error=%s (between %s and %s, %d and %d bytes relayed)",
-            exc,
-            a,
-            b,
-            relay.bytes_forward,
-            relay.bytes_backward,
-        )
-    return Ended(outcome, relay.bytes_forward, relay.bytes_backward, connect_seconds)
 
 
 def _route_outcome(exc: BaseException) -> str:
@@ -273,7 +459,9 @@ async def serve(
     limit = connection_limit(open_files, FDS_PER_CONNECTION)
     listener = Listener(sock, str(listen), route, settings, limit)
     metrics.register(
-        tcp_metrics.source(listener.stats, lambda: len(listener.tasks), lambda: listener.overloaded)
+        tcp_metrics.source(
+            listener.stats, lambda: len(listener.connections), lambda: listener.overloaded
+        )
     )
     log.info(
         "Accepting up to %d connections at once (open file limit %d)",
@@ -288,7 +476,7 @@ async def serve(
     ready()
     await stop.wait()
     log.info("Shutting down: no longer accepting on %s", listen)
-    draining(f"SIGTERM or SIGINT received: draining {len(listener.tasks)} connections")
+    draining(f"SIGTERM or SIGINT received: draining {len(listener.connections)} connections")
     await listener.close(settings.drain_timeout)
     return 0
 

@@ -48,6 +48,7 @@ import weakref
 from collections.abc import Callable
 
 from pf_proxy.endpoints import close_abortively, peer_close_is_eof
+from pf_proxy.runtime import info
 
 log = logging.getLogger("pf_proxy")
 
@@ -97,6 +98,10 @@ class Poller:
     def watch(self, fd: int, handler: Callable[[int], None]) -> None:
         self.handlers[fd] = handler
         self.epoll.register(fd, _WATCHED)
+
+    def handle(self, fd: int, handler: Callable[[int], None]) -> None:
+        """Give a watched socket another handler (a connect done, its relay takes over)."""
+        self.handlers[fd] = handler
 
     def forget(self, fd: int) -> None:
         self.handlers.pop(fd, None)
@@ -214,7 +219,7 @@ class _Pump:
                 if exc.errno != errno.ENOTCONN:
                     self.relay.fail(exc)
                     return
-        log.info(self.done_message)
+        info(self.done_message)
         self.relay.pump_finished()
 
     def _fail(self, exc: OSError) -> None:
@@ -377,10 +382,20 @@ class _CopyPump(_Pump):
         self._drop_carrier()
         return True
 
+    def hold(self, first: bytes) -> None:
+        """Start with `first` in hand, to be written to dst before anything read from src."""
+        self.buffer = memoryview(first)
+        self.sent, self.filled = 0, len(first)
+        self.waiting = True  # writable(dst) writes it, then reads src
+
     def _drop_carrier(self) -> None:
         """Give the buffer back to the pool (bytes left in it are simply overwritten)."""
         buffer, self.buffer = self.buffer, None
-        if buffer is not None and len(_free_buffers) < FREE_CARRIERS_KEPT:
+        if (
+            buffer is not None
+            and len(buffer) == COPY_CHUNK
+            and len(_free_buffers) < FREE_CARRIERS_KEPT
+        ):
             _free_buffers.append(buffer)
         self.sent = self.filled = 0
 
@@ -420,10 +435,13 @@ def _close_pipe(pipe: tuple[int, int]) -> None:
 
 
 class Relay:
-    """Both directions between `inbound` and `upstream`; `run()` returns when both are done.
+    """Both directions between `inbound` and `upstream`, from `start()` until both are done.
 
     `forward_done` and `backward_done` are the log lines for EOF inbound->upstream and
-    upstream->inbound. Failures raise from `run()` after both sockets were reset and closed.
+    upstream->inbound; `first_bytes` are written upstream before anything read inbound.
+    When the relay ends, both sockets are closed (reset, after a failure) and `on_done` is
+    called once, with None or with what failed: an OSError, a TimeoutError (idle timeout),
+    or CancelledError (`abort`).
     """
 
     def __init__(
@@ -433,6 +451,7 @@ class Relay:
         forward_done: str,
         backward_done: str,
         *,
+        first_bytes: bytes = b"",
         use_splice: bool | None = None,
         idle_timeout: float | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
@@ -440,13 +459,15 @@ class Relay:
         self.loop = loop or asyncio.get_running_loop()
         self.inbound, self.upstream = inbound, upstream
         self.splice = use_splice_default if use_splice is None else use_splice
-        self.pumps: list[_Pump] = [  # each moves to splice when its reads grow (SPLICE_FROM)
-            _CopyPump(self, inbound, upstream, forward_done),
-            _CopyPump(self, upstream, inbound, backward_done),
-        ]
+        forward = _CopyPump(self, inbound, upstream, forward_done)
+        if first_bytes:
+            forward.hold(first_bytes)
+        # Each pump moves to splice when its reads grow (SPLICE_FROM).
+        self.pumps: list[_Pump] = [forward, _CopyPump(self, upstream, inbound, backward_done)]
         self.idle_timeout = idle_timeout
         self.last_activity = self.loop.time()
-        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.ended = False
+        self._on_done: Callable[[BaseException | None], None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
 
     def replace_pump(self, old: _Pump, new: _Pump) -> None:
@@ -456,8 +477,8 @@ class Relay:
         return self.pumps[0].finished and self.pumps[1].finished
 
     def pump_finished(self) -> None:
-        if self.pumps_finished() and not self.done.done():
-            self.done.set_result(None)
+        if self.pumps_finished():
+            self._end(None)
 
     def _on_inbound_events(self, events: int) -> None:
         forward, backward = self.pumps
@@ -474,37 +495,76 @@ class Relay:
             backward.on_readable(events)
 
     def fail(self, exc: BaseException) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
+        self._end(exc)
+
+    def abort(self) -> None:
+        """End now (the drain is over): both sockets are reset and closed."""
+        self._end(asyncio.CancelledError())
+
+    def start(
+        self, on_done: Callable[[BaseException | None], None], upstream_events: int | None = None
+    ) -> None:
+        """Relay from now on. `upstream_events`: the upstream socket is in the loop's
+        Poller already (its connect was waited for there), and these are the events its
+        last wakeup brought, handled now (edge-triggered: none will come again)."""
+        self._on_done = on_done
+        events = poller(self.loop)
+        for sock in (self.inbound, self.upstream):
+            if sock.gettimeout() != 0.0:  # non-blocking already, as a rule: no syscall
+                sock.setblocking(False)
+        try:
+            events.watch(self.inbound.fileno(), self._on_inbound_events)
+            if upstream_events is None:
+                events.watch(self.upstream.fileno(), self._on_upstream_events)
+            else:
+                events.handle(self.upstream.fileno(), self._on_upstream_events)
+        except OSError as exc:
+            self._end(exc)
+            return
+        if self.idle_timeout:
+            self._idle_timer = self._schedule_idle_check()
+        if upstream_events:
+            self._on_upstream_events(upstream_events)
 
     async def run(self) -> None:
-        clean = False
-        events = poller(self.loop)
-        fds = self.inbound.fileno(), self.upstream.fileno()
+        """`start`, and wait for the end: raise what failed. Cancelled, it `abort`s."""
+        done: asyncio.Future[BaseException | None] = self.loop.create_future()
+
+        def on_done(error: BaseException | None) -> None:
+            if not done.done():  # else cancelled: abort() below ends the relay
+                done.set_result(error)
+
+        self.start(on_done)
         try:
+            error = await done
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        if error is not None:
+            raise error
+
+    def _end(self, error: BaseException | None) -> None:
+        """Stop both pumps, close both sockets, tell `on_done`: once, and never raising
+        before the sockets are closed."""
+        if self.ended:
+            return
+        self.ended = True
+        events = poller(self.loop)
+        try:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            for pump in self.pumps:
+                pump.stop()
+            events.forget(self.inbound.fileno())  # closing takes a socket out of the epoll set
+            events.forget(self.upstream.fileno())
+        finally:  # the sockets are closed whatever stopping the pumps did
             for sock in (self.inbound, self.upstream):
-                if sock.gettimeout() != 0.0:  # non-blocking already, as a rule: no syscall
-                    sock.setblocking(False)
-            events.watch(fds[0], self._on_inbound_events)
-            events.watch(fds[1], self._on_upstream_events)
-            if self.idle_timeout:
-                self._idle_timer = self._schedule_idle_check()
-            await self.done
-            clean = True
-        finally:
-            try:
-                if self._idle_timer is not None:
-                    self._idle_timer.cancel()
-                for pump in self.pumps:
-                    pump.stop()
-                for fd in fds:
-                    events.forget(fd)  # closing the socket takes it out of the epoll set
-            finally:  # the sockets are closed whatever stopping the pumps did
-                for sock in (self.inbound, self.upstream):
-                    if clean:
-                        sock.close()
-                    else:
-                        close_abortively(sock)
+                if error is None:
+                    sock.close()
+                else:
+                    close_abortively(sock)
+        if self._on_done is not None:
+            self._on_done(error)
 
     def _schedule_idle_check(self) -> asyncio.TimerHandle:
         assert self.idle_timeout is not None
@@ -513,7 +573,7 @@ class Relay:
 
     def _check_idle(self) -> None:
         assert self.idle_timeout is not None
-        if self.done.done():
+        if self.ended:
             return
         if self.loop.time() - self.last_activity >= self.idle_timeout:
             self.fail(TimeoutError(f"no traffic for {self.idle_timeout:g} s (idle timeout)"))

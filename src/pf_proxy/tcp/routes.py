@@ -1,13 +1,14 @@
 """Where an accepted connection goes: one small function per pf-proxy command.
 
-A route takes the accepted socket and returns the connected upstream, plus any bytes to write
-to it before relaying. Everything else (accepting, timeouts, relaying, logging) is the engine's.
+A route takes the accepted socket and returns the upstream to connect to, plus any bytes to
+write to it before relaying. Everything else (accepting, connecting, timeouts, relaying,
+logging) is the engine's. A route that needs nothing from the stream answers at once; one
+that reads the stream first (the destination header) is a coroutine function.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pf_proxy.endpoints import (
     VsockEndpoint,
     peer_close_is_eof,
 )
+from pf_proxy.runtime import info
 from pf_proxy.tcp.access import AccessPolicy, Lookup, Verdict
 from pf_proxy.tcp.dstheader import (
     Destination,
@@ -31,18 +33,16 @@ from pf_proxy.tcp.dstheader import (
 from pf_proxy.tcp.origdst import original_destination
 from pf_proxy.tcp.sniff import MAX_SNIFF_BYTES, Name, NeedMore, NoName, sniff
 
-log = logging.getLogger("pf_proxy")
-
 
 @dataclass(frozen=True)
 class Upstream:
-    sock: socket.socket
+    endpoint: Endpoint
     name: str
     first_bytes: bytes = b""
     detail: str = ""  # appended to the copy-done log lines
 
 
-Route = Callable[[socket.socket], Awaitable[Upstream]]
+Route = Callable[[socket.socket], Upstream | Awaitable[Upstream]]
 
 
 class DeniedDestination(Exception):
@@ -56,9 +56,11 @@ ALLOW_EVERYTHING = AccessPolicy()  # the originals' behaviour
 def fixed(endpoint: Endpoint) -> Route:
     """vsock-to-ip, ip-to-vsock: always the same upstream, nothing written first."""
 
-    async def route(inbound: socket.socket) -> Upstream:
-        log.info("Proxying to: %s", endpoint)
-        return Upstream(await endpoint.connect(), str(endpoint))
+    name = str(endpoint)
+
+    def route(inbound: socket.socket) -> Upstream:
+        info(f"Proxying to: {name}")
+        return Upstream(endpoint, name)
 
     return route
 
@@ -99,11 +101,11 @@ def from_destination_header(
         if not verdict.allowed:
             raise DeniedDestination(verdict.describe(destination))
         if verdict.name is not None:
-            log.info("Proxying to: %s (%s, allowed by %s)", destination, verdict.name, verdict.rule)
+            info(f"Proxying to: {destination} ({verdict.name}, allowed by {verdict.rule})")
         else:
-            log.info("Proxying to: %s", destination)
+            info(f"Proxying to: {destination}")
         endpoint = IpEndpoint(IpAddress(str(destination.address), destination.port))
-        return Upstream(await endpoint.connect(), str(destination), first_bytes=first_bytes)
+        return Upstream(endpoint, str(destination), first_bytes=first_bytes)
 
     return route
 
@@ -111,13 +113,15 @@ def from_destination_header(
 def with_destination_header(endpoint: VsockEndpoint) -> Route:
     """ip-to-vsock-transparent: the fixed vsock upstream, the original destination first."""
 
-    async def route(inbound: socket.socket) -> Upstream:
+    name = str(endpoint)
+
+    def route(inbound: socket.socket) -> Upstream:
         destination = original_destination(inbound)
-        log.info("Original destination: %s", destination)
-        log.info("Proxying to: %s", endpoint)
+        info(f"Original destination: {destination}")
+        info(f"Proxying to: {name}")
         return Upstream(
-            await endpoint.connect(),
-            str(endpoint),
+            endpoint,
+            name,
             first_bytes=encode_destination(destination),
             detail=f", with original_dst={destination} from inbound TCP stream",
         )
@@ -128,12 +132,12 @@ def with_destination_header(endpoint: VsockEndpoint) -> Route:
 def to_original_port(template: VsockEndpoint) -> Route:
     """transparent-port-to-vsock: vsock CID:<original destination port> (the template's CID)."""
 
-    async def route(inbound: socket.socket) -> Upstream:
+    def route(inbound: socket.socket) -> Upstream:
         destination = original_destination(inbound)
-        log.info("Original destination: %s", destination)
+        info(f"Original destination: {destination}")
         endpoint = template.at_port(destination.port)
-        log.info("Proxying to: %s", endpoint)
-        return Upstream(await endpoint.connect(), str(endpoint))
+        info(f"Proxying to: {endpoint}")
+        return Upstream(endpoint, str(endpoint))
 
     return route
 
