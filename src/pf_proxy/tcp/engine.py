@@ -91,13 +91,14 @@ class Connection:
 
     def __init__(
         self,
+        loop: asyncio.AbstractEventLoop,
         inbound: socket.socket,
         name: str,
         route: Route,
         settings: Settings,
         on_end: Callable[[Connection, Ended], None],
     ) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop  # given: asking for the running loop costs a getpid
         self.inbound = inbound
         self.name = name
         self.route = route
@@ -346,6 +347,7 @@ class Listener:
             conn.setblocking(False)
             self.stats.accepted += 1
             connection = Connection(
+                self.loop,
                 conn,
                 _peer_name(peer, self.name),
                 self.route,
@@ -420,7 +422,7 @@ async def handle_connection(
         if not result.done():
             result.set_result(ended)
 
-    connection = Connection(inbound, inbound_name, route, settings, on_end)
+    connection = Connection(loop, inbound, inbound_name, route, settings, on_end)
     connection.start()
     try:
         return await asyncio.shield(result)

@@ -457,6 +457,7 @@ class Relay:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
+        self.events = poller(self.loop)
         self.inbound, self.upstream = inbound, upstream
         self.splice = use_splice_default if use_splice is None else use_splice
         forward = _CopyPump(self, inbound, upstream, forward_done)
@@ -508,7 +509,7 @@ class Relay:
         Poller already (its connect was waited for there), and these are the events its
         last wakeup brought, handled now (edge-triggered: none will come again)."""
         self._on_done = on_done
-        events = poller(self.loop)
+        events = self.events
         for sock in (self.inbound, self.upstream):
             if sock.gettimeout() != 0.0:  # non-blocking already, as a rule: no syscall
                 sock.setblocking(False)
@@ -549,7 +550,7 @@ class Relay:
         if self.ended:
             return
         self.ended = True
-        events = poller(self.loop)
+        events = self.events
         try:
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
