@@ -28,6 +28,7 @@ from pf_proxy.endpoints import (
     peer_close_is_eof,
 )
 from pf_proxy.tcp import engine
+from pf_proxy.tcp.metrics import CLOSED_AT_DRAIN, Ended
 from pf_proxy.tcp.relay import Relay
 from pf_proxy.tcp.routes import Upstream
 
@@ -167,6 +168,71 @@ def test_a_cancel_at_the_drain_closes_every_socket() -> None:
     with client, server:
         assert client.recv(1) == b""
         assert server.recv(1) == b""
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_cancel_while_the_route_reads_closes_the_inbound_socket(steps: int) -> None:
+    """Cancelled while its route waits in a task (or before that task took a step): the
+    connection ends, closed, and the cancel does not hang."""
+
+    async def scenario() -> socket.socket:
+        inbound, client = vsock_like_pair()
+
+        async def slow_route(_: socket.socket) -> Upstream:
+            await asyncio.sleep(60)
+            raise AssertionError("not reached")
+
+        settings = engine.Settings("vsock to ip", "ip to vsock")
+        task = asyncio.ensure_future(
+            engine.handle_connection(inbound, "vsock 1:4000", slow_route, settings)
+        )
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, WAIT)
+        assert inbound.fileno() == -1
+        return client
+
+    client = asyncio.run(scenario())
+    with client:
+        client.settimeout(WAIT)
+        assert client.recv(1) == b""
+
+
+def test_a_connection_aborted_before_its_route_task_ran_ends_closed_at_drain() -> None:
+    """The drain's end can abort a connection accepted in the same turn of the loop, whose
+    route task has not taken its first step (so none of its handlers can run)."""
+
+    async def scenario() -> tuple[list[Ended], socket.socket]:
+        inbound, client = vsock_like_pair()
+
+        async def slow_route(_: socket.socket) -> Upstream:
+            await asyncio.sleep(60)
+            raise AssertionError("not reached")
+
+        ended: list[Ended] = []
+        settings = engine.Settings("vsock to ip", "ip to vsock")
+        connection = engine.Connection(
+            asyncio.get_running_loop(),
+            inbound,
+            "vsock 1:4000",
+            slow_route,
+            settings,
+            lambda _, how: ended.append(how),
+        )
+        connection.start()
+        connection.abort()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert inbound.fileno() == -1
+        return ended, client
+
+    ended, client = asyncio.run(scenario())
+    assert ended == [Ended(CLOSED_AT_DRAIN)]
+    with client:
+        client.settimeout(WAIT)
+        assert client.recv(1) == b""
 
 
 @pytest.mark.parametrize("use_splice", [True, False], ids=["splice", "copy"])

@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import functools
+import inspect
 import logging
 import select
 import signal
@@ -127,7 +129,19 @@ class Connection:
         if isinstance(found, Upstream):
             self._connect(found)
         else:
-            self.task = self.loop.create_task(self._connect_slowly(found))
+            self._start_task(found)
+
+    def _start_task(self, routing: Upstream | Awaitable[Upstream]) -> None:
+        self.task = self.loop.create_task(self._connect_slowly(routing))
+        self.task.add_done_callback(functools.partial(self._task_done, routing))
+
+    def _task_done(self, routing: Upstream | Awaitable[Upstream], task: asyncio.Task[None]) -> None:
+        """A task cancelled before its first step never ran its handlers: end it here (and
+        close the route's coroutine, which nothing awaited)."""
+        if task.cancelled() and not self.ended:
+            if inspect.iscoroutine(routing):
+                routing.close()
+            self._closed_at_drain()
 
     def _connect(self, upstream: Upstream) -> None:
         """Connect without a task: at once, or waiting in the relay's epoll set."""
@@ -136,8 +150,11 @@ class Connection:
         except OSError as exc:
             self._refused(exc)
             return
+        except Exception:
+            self._crashed("connecting")
+            return
         if connecting is None:  # a host name: resolve it first
-            self.task = self.loop.create_task(self._connect_slowly(upstream))
+            self._start_task(upstream)
         elif connecting.done:
             self._connected(upstream, connecting.sock)
         else:

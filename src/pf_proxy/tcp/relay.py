@@ -510,10 +510,10 @@ class Relay:
         last wakeup brought, handled now (edge-triggered: none will come again)."""
         self._on_done = on_done
         events = self.events
-        for sock in (self.inbound, self.upstream):
-            if sock.gettimeout() != 0.0:  # non-blocking already, as a rule: no syscall
-                sock.setblocking(False)
         try:
+            for sock in (self.inbound, self.upstream):
+                if sock.gettimeout() != 0.0:  # non-blocking already, as a rule: no syscall
+                    sock.setblocking(False)
             events.watch(self.inbound.fileno(), self._on_inbound_events)
             if upstream_events is None:
                 events.watch(self.upstream.fileno(), self._on_upstream_events)
