@@ -228,7 +228,33 @@ def _listen(sock: socket.socket, address: object, backlog: int) -> socket.socket
     return sock
 
 
-class VsockEndpoint:
+def _begin(sock: socket.socket, address: object, tcp_nodelay: bool = False) -> Connecting:
+    """`begin_connect` on a socket just opened for it, which is closed if that fails."""
+    try:
+        if tcp_nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return Connecting(sock, begin_connect(sock, address))
+    except BaseException:
+        sock.close()
+        raise
+
+
+class _Connectable:
+    """What connecting means for both kinds of endpoint; each says what an error means."""
+
+    def _connect_error(self, exc: OSError) -> ConnectError:
+        raise NotImplementedError
+
+    def finish_connect(self, sock: socket.socket) -> None:
+        """A connect in progress ended (the socket became writable): `ConnectError` if it
+        failed."""
+        try:
+            end_connect(sock)
+        except OSError as exc:
+            raise self._connect_error(exc) from exc
+
+
+class VsockEndpoint(_Connectable):
     """A vsock address, real or emulated by a Unix socket in `emulation_dir`.
 
     `buffer_size` (bytes), when given, is each real vsock socket's SO_VM_SOCKETS_BUFFER_SIZE:
@@ -310,20 +336,7 @@ class VsockEndpoint:
         try:
             if self.emulation_dir is not None:
                 return self._connect_emulated()
-            sock = self._vsock_socket()
-            try:
-                return Connecting(sock, begin_connect(sock, (self.address.cid, self.address.port)))
-            except BaseException:
-                sock.close()
-                raise
-        except OSError as exc:
-            raise self._connect_error(exc) from exc
-
-    def finish_connect(self, sock: socket.socket) -> None:
-        """A connect in progress ended (the socket became writable): `ConnectError` if it
-        failed."""
-        try:
-            end_connect(sock)
+            return _begin(self._vsock_socket(), (self.address.cid, self.address.port))
         except OSError as exc:
             raise self._connect_error(exc) from exc
 
@@ -340,18 +353,13 @@ class VsockEndpoint:
         """Connect as AF_VSOCK would: a listener on VMADDR_CID_ANY takes every CID; no
         listener, or a full backlog, is ECONNRESET at once (never EAGAIN, never a wait)."""
         for path in self._emulated_paths:
-            sock = socket.socket(socket.AF_UNIX, _NONBLOCKING_STREAM)
             try:
-                return Connecting(sock, begin_connect(sock, path))
+                return _begin(socket.socket(socket.AF_UNIX, _NONBLOCKING_STREAM), path)
             except OSError as exc:
-                sock.close()
                 if exc.errno == errno.EAGAIN:  # the listener's backlog is full
                     raise _reset() from exc
                 if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
                     raise
-            except BaseException:
-                sock.close()
-                raise
         raise _reset()  # nobody listens on either path
 
 
@@ -441,7 +449,7 @@ def _remove_stale_socket(path: Path) -> None:
         probe.close()
 
 
-class IpEndpoint:
+class IpEndpoint(_Connectable):
     """An IP address with port; host names are resolved at connect time."""
 
     def __init__(self, address: IpAddress) -> None:
@@ -510,20 +518,7 @@ class IpEndpoint:
         family, kind, proto, _, sockaddr = infos[0]
         try:
             sock = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return Connecting(sock, begin_connect(sock, sockaddr))
-            except BaseException:
-                sock.close()
-                raise
-        except OSError as exc:
-            raise self._connect_error(exc) from exc
-
-    def finish_connect(self, sock: socket.socket) -> None:
-        """A connect in progress ended (the socket became writable): `ConnectError` if it
-        failed."""
-        try:
-            end_connect(sock)
+            return _begin(sock, sockaddr, tcp_nodelay=True)
         except OSError as exc:
             raise self._connect_error(exc) from exc
 
