@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import resource
+import signal
 import socket
 import sys
 import time
@@ -294,6 +295,24 @@ async def _serving(
     finally:
         if server is not None:
             server.close()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def stop_event() -> asyncio.Event:
+    """An event SIGTERM or SIGINT sets, on the running loop.
+
+    The two signals are unblocked once their handlers are in place: a worker of ``--workers``
+    starts with them blocked (see :mod:`pf_proxy.workers`), so one that arrived while it was
+    starting is handled now, as a drain, instead of killing it half-started.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    return stop
 
 
 def draining(reason: str) -> None:

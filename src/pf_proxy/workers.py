@@ -35,7 +35,7 @@ log = logging.getLogger("pf_proxy")
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal this process gets when its parent dies
 RESTART_INTERVAL = 1.0  # seconds: a worker that keeps dying is restarted at most this often
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_STOP_SIGNALS = runtime.STOP_SIGNALS
 
 
 @dataclass
@@ -135,7 +135,7 @@ class Supervisor:
             self._stop("a worker could not be started")
             return
         if pid == 0:
-            self._become_worker(worker, parent, blocked)  # never returns
+            self._become_worker(worker, parent)  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         worker.pid, worker.started = pid, time.monotonic()
         worker.ready, worker.exit_code = False, None
@@ -219,15 +219,20 @@ class Supervisor:
 
     # --- a worker --------------------------------------------------------------------------
 
-    def _become_worker(self, worker: _Worker, parent: int, mask: set[int | signal.Signals]) -> None:
-        """In the child: reset what the parent set up, run the work, exit with its code."""
+    def _become_worker(self, worker: _Worker, parent: int) -> None:
+        """In the child: reset what the parent set up, run the work, exit with its code.
+
+        SIGTERM and SIGINT stay blocked, as the parent blocked them around the fork, until
+        the worker's event loop handles them (`runtime.stop_event`): one that arrives while
+        the worker starts (the command stopping just as a worker is restarted) waits for the
+        handlers and drains the worker, instead of killing it with exit code 143.
+        """
         code = 1
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fd in (self._ready_read, self._wake_read, self._wake_write):
                 os.close(fd)
             _die_with_parent(parent)

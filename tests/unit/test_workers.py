@@ -1,15 +1,18 @@
-"""The supervisor of --workers when fork fails: the workers already started are stopped and
-the command ends with exit 1, rather than waiting forever for workers that never were."""
+"""The supervisor of --workers: when fork fails, the workers already started are stopped and
+the command ends with exit 1, rather than waiting forever for workers that never were; a
+SIGTERM that reaches a worker while it starts is handled once its loop runs."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import signal
+import time
 
 import pytest
 
-from pf_proxy import workers
+from pf_proxy import runtime, workers
 
 
 def test_a_failed_fork_stops_the_started_workers_and_exits_1(
@@ -40,3 +43,28 @@ def test_a_failed_fork_stops_the_started_workers_and_exits_1(
     assert len(forks) == 1
     assert closed == [True]  # the listeners were closed
     assert [worker.exit_code for worker in supervisor.workers] == [0, 1, 1]
+
+
+def test_a_sigterm_while_a_worker_starts_waits_for_its_loop_instead_of_killing_it() -> None:
+    """A worker starts with SIGTERM blocked: one that arrives before its event loop handles
+    it (the command stopping just as a worker is restarted) is handled then, as a drain, and
+    the worker exits 0; it used to die of the signal's default action (exit code 143)."""
+
+    def work(index: int) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during start-up
+        time.sleep(0.1)  # still starting
+
+        async def serve() -> int:
+            stop = runtime.stop_event()
+            await asyncio.wait_for(stop.wait(), 5)
+            return 0
+
+        return asyncio.run(serve())
+
+    supervisor = workers.Supervisor(1, work, lambda: None)
+    signal.alarm(20)  # a hang fails the test instead of the run
+    try:
+        supervisor.run()  # 1: the worker exits before it said it was ready, as a failed start
+    finally:
+        signal.alarm(0)
+    assert [worker.exit_code for worker in supervisor.workers] == [0]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import signal
 import socket
 from collections.abc import Callable, Iterator
 
@@ -31,7 +30,7 @@ from pf_proxy.raw.links import connect_with_backoff, open_with_backoff
 from pf_proxy.raw.nfq import NfQueue
 from pf_proxy.raw.policy import Drop, DropCounters
 from pf_proxy.raw.rawsock import SEND_BATCH, PacketRejected, RawSender
-from pf_proxy.runtime import draining, ready
+from pf_proxy.runtime import draining, ready, stop_event
 
 log = logging.getLogger("pf_proxy")
 
@@ -551,9 +550,7 @@ async def serve(
 ) -> int:
     """Run `forwarder` until SIGTERM/SIGINT; log its counters periodically and at the end."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_event()
     task = loop.create_task(forwarder.run())
     reporter = loop.create_task(_report_periodically(forwarder.stats, name, stats_interval))
     stopper = loop.create_task(stop.wait())

@@ -28,7 +28,6 @@ import functools
 import inspect
 import logging
 import select
-import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -473,7 +472,6 @@ async def serve(
         except BindError as exc:
             log.error("%s", exc)
             return 1
-    loop = asyncio.get_running_loop()
     open_files = open_file_limit()
     limit = connection_limit(open_files, FDS_PER_CONNECTION)
     listener = Listener(sock, str(listen), route, settings, limit)
@@ -487,9 +485,7 @@ async def serve(
         listener.max_connections,
         open_files,
     )
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = runtime.stop_event()
     listener.start()
     log.info("Listening on: %s", listen)
     ready()

@@ -21,14 +21,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import signal
 import socket
 from dataclasses import dataclass
 from typing import Any
 
 from pf_proxy import metrics
 from pf_proxy.endpoints import BindError, IpAddress, VsockEndpoint
-from pf_proxy.runtime import connection_limit, draining, open_file_limit, ready
+from pf_proxy.runtime import connection_limit, draining, open_file_limit, ready, stop_event
 from pf_proxy.udp import metrics as udp_metrics
 from pf_proxy.udp.flows import (
     DATAGRAM_SPACE,
@@ -261,9 +260,7 @@ async def _serve(
 ) -> int:
     """Serve until SIGTERM or SIGINT; drain; log the counters; return the exit code 0."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_event()
     metrics.register(udp_metrics.source(table))
     plane.start()
     log.info("Listening on: %s", plane.name)
