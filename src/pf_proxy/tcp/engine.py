@@ -161,7 +161,8 @@ class Connection:
             try:
                 poller(self.loop).watch(connecting.sock.fileno(), self._on_connect_event)
             except OSError as exc:
-                self._connect_failed(exc)
+                self._give_up_connect()
+                self._refused(exc)
                 return
             timeout = self.settings.connect_timeout
             if timeout is not None:
@@ -173,32 +174,30 @@ class Connection:
         if not events & _CONNECT_OVER:
             return
         upstream, sock = self.connecting
-        self.connecting = None
-        if self.timer is not None:
-            self.timer.cancel()
         try:
             upstream.endpoint.finish_connect(sock)
         except OSError as exc:
-            poller(self.loop).forget(sock.fileno())
-            close_abortively(sock)
+            self._give_up_connect()
             self._refused(exc)
             return
+        self.connecting = None
+        if self.timer is not None:
+            self.timer.cancel()
         self._connected(upstream, sock, events)
 
-    def _connect_failed(self, exc: OSError) -> None:
-        assert self.connecting is not None
-        _, sock = self.connecting
-        self.connecting = None
-        close_abortively(sock)
-        self._refused(exc)
-
     def _connect_timed_out(self) -> None:
+        self._give_up_connect()
+        self._timed_out()
+
+    def _give_up_connect(self) -> None:
+        """Stop waiting for the connect in progress: its timer, its epoll entry, its socket."""
         assert self.connecting is not None
         _, sock = self.connecting
         self.connecting = None
-        poller(self.loop).forget(sock.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+        poller(self.loop).forget(sock.fileno())  # before close: the number may be reused
         close_abortively(sock)
-        self._timed_out()
 
     async def _connect_slowly(self, routing: Upstream | Awaitable[Upstream]) -> None:
         """The route and the connect in a task, within the connect timeout."""
@@ -238,8 +237,7 @@ class Connection:
                 loop=self.loop,
             )
         except Exception:
-            if events is not None:
-                poller(self.loop).forget(sock.fileno())
+            poller(self.loop).forget(sock.fileno())  # watched if its connect was waited for
             close_abortively(sock)
             self._crashed("starting the relay")
             return
@@ -270,12 +268,7 @@ class Connection:
         elif self.task is not None:
             self.task.cancel()  # _connect_slowly ends it
         elif self.connecting is not None:
-            _, sock = self.connecting
-            self.connecting = None
-            if self.timer is not None:
-                self.timer.cancel()
-            poller(self.loop).forget(sock.fileno())
-            close_abortively(sock)
+            self._give_up_connect()
             self._closed_at_drain()
 
     # --- the ends before a relay: the inbound socket is closed here ----------------------

@@ -96,8 +96,8 @@ class Poller:
         weakref.finalize(loop, self.epoll.close)
 
     def watch(self, fd: int, handler: Callable[[int], None]) -> None:
+        self.epoll.register(fd, _WATCHED)  # first: if it fails, no handler is left behind
         self.handlers[fd] = handler
-        self.epoll.register(fd, _WATCHED)
 
     def handle(self, fd: int, handler: Callable[[int], None]) -> None:
         """Give a watched socket another handler (a connect done, its relay takes over)."""
