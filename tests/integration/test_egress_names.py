@@ -175,7 +175,11 @@ def test_names_decide_and_must_resolve_to_the_destination(vsock: Vsock, tmp_path
         metadata = Listener(w.host, METADATA, 80)
         for url in (f"http://{METADATA}/latest/", f"http://[::ffff:{METADATA}]/latest/"):
             result = w.curl(url)
-            assert result.returncode == 52, result
+            # Denied on the header alone, the host side closes at once. If curl's request had
+            # not reached the enclave side by then, writing it fails (EPIPE) and curl is reset
+            # (56), as after any failed relay; else it reads EOF (52). Over real vsock, with a
+            # connect that no longer waits for a task, both happen. Never an answer (0) or a wait.
+            assert result.returncode in (52, 56), result
         denied(w, f"{METADATA}:80 denied by --deny-private 169.254.0.0/16")
         with w.vsock.client(1200) as sock:  # the mapped form in the header itself
             sock.settimeout(WAIT)
