@@ -8,6 +8,9 @@ socket (emulated vsock) -> an echo server on that socket.
     pf-proxy splice / copy   ip-to-vsock -i 127.0.0.1:P -v 88:Q, PF_PROXY_VSOCK_DIR set (copy:
                              PF_PROXY_NO_SPLICE=1)
     pf-proxy 2 workers       the same with --workers 2 (when the command has it)
+    least Python relay       benchmarks/leastrelay.py: pf-proxy's relay design with nothing
+                             else (no logging, limits or failure handling); the floor for
+                             any relay in Python here
     socat                    socat TCP-LISTEN:P,fork,reuseaddr,backlog=1024 UNIX-CONNECT:S
     nginx                    nginx's stream module, one process (master_process off):
                              listen 127.0.0.1:P backlog=1024; proxy_pass unix:S; an event-driven
@@ -106,6 +109,11 @@ def hop(kind: str, socket_path: Path, workdir: Path) -> Iterator[Hop]:
             top = started.command_pid()
             time.sleep(0.3)  # workers, if any, are up
             yield Hop(port, [top, *_descendants(top)])
+    elif kind == "least Python relay":
+        args = [sys.executable, "-m", "benchmarks.leastrelay", "--port", str(port)]
+        with process([*args, "--unix", str(socket_path)], workdir) as started:
+            wait_until(lambda: started.said("Listening on:"), kind)
+            yield Hop(port, [started.command_pid()])
     elif kind == "socat":
         listen = f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024"
         with process(["socat", listen, f"UNIX-CONNECT:{socket_path}"], workdir) as started:
@@ -166,7 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
     runs, seconds = (1, 2.0) if args.quick else (args.runs, 3.0)
-    kinds = available(["pf-proxy splice", "pf-proxy copy", "pf-proxy 2 workers", "socat", "nginx"])
+    kinds = available(
+        [
+            "pf-proxy splice",
+            "pf-proxy copy",
+            "pf-proxy 2 workers",
+            "least Python relay",
+            "socat",
+            "nginx",
+        ]
+    )
     cost: dict[tuple[str, str], list[float]] = defaultdict(list)
     rate: dict[tuple[str, str], list[float]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="pfp-cpu-") as name:

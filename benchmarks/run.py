@@ -430,6 +430,11 @@ def udp_path(settings: Settings, workdir: Path) -> list[Row]:
                 fixed["pf-proxy"]["p99 us"], fixed["socat"]["p99 us"], "socat pair",
                 at_most=1.0,
             ),
+            _compare(  # the floor for this design in Python (benchmarks/muxpair.py)
+                f"DNS at {rate} queries/s, p99 us (pf-proxy UDP pair)",
+                fixed["pf-proxy"]["p99 us"], fixed[udppath.PROTOTYPE]["p99 us"],
+                "lean Python prototype",
+            ),
         ]  # fmt: skip
     ports = next(by for title, by in results.items() if title.startswith("32 in flight"))
     new = "new ports, lookups/s"

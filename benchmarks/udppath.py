@@ -10,6 +10,8 @@ Pairs, each in front of one dnsmasq on 127.0.0.1 answering from its own records:
     pf-proxy   udp-to-vsock -> emulated vsock (a Unix socket) -> vsock-to-udp
     socat      socat -T 30 UDP-LISTEN:P,fork UNIX-CONNECT:S -> socat -T 30 UNIX-LISTEN:S,fork
                UDP:dns (no framing: a datagram is whatever one read of the stream returns)
+    mux prototype  benchmarks/muxpair.py: the same path in lean Python (one stream for all
+               flows, nothing but the relaying); in the full-speed, latency and new-port parts
 
 Figures:
 
@@ -56,6 +58,9 @@ from benchmarks.processes import (
 KINDS = ("direct", "pf-proxy", "socat")
 # The multiplexing prototype (benchmarks/muxpair.py): one stream for every flow.
 PROTOTYPE = "mux prototype"
+# With the prototype, which is built like the real pair but has nothing else (no flow table,
+# expiry or failure handling): how much of the pair's latency and rate is Python itself.
+LEAN = (*KINDS, PROTOTYPE)
 NAMES = ["api.example.com", "www.example.com", "mail.example.com", "db.example.com"]
 RECORDS = {name: [f"192.0.2.{n + 10}", f"2001:db8::{n + 10}"] for n, name in enumerate(NAMES)}
 IDLE_TIMEOUT = 30  # seconds: ours (the default) and socat's -T
@@ -508,12 +513,13 @@ def measure_all(
     results: dict[str, Results] = {}
     if "full" in parts:
         results["full speed"] = sample(
-            settings, workdir, "dnsperf", lambda t: dnsperf(t.port, workdir, seconds)
+            settings, workdir, "dnsperf", lambda t: dnsperf(t.port, workdir, seconds), LEAN
         )
     for rate in LATENCY_RATES if "latency" in parts else ():
         results[f"{rate} queries/s"] = sample(
             settings, workdir, f"latency {rate}/s",
             lambda t, rate=rate: dnsperf(t.port, workdir, 2 * seconds, rate=rate, clients=1),
+            LEAN,
         )  # fmt: skip
     if "ports" in parts:
         results["32 in flight: a new port each, or 32 ports reused"] = sample(
@@ -522,7 +528,7 @@ def measure_all(
                 "new ports, lookups/s": lookups(t.port, seconds, new_ports=True).per_second,
                 "same ports, lookups/s": lookups(t.port, seconds, new_ports=False).per_second,
             },
-            (*KINDS, PROTOTYPE),
+            LEAN,
         )  # fmt: skip
     if "sustained" in parts:
         with dns_server(workdir) as dns, pair("pf-proxy", dns, workdir) as through:
