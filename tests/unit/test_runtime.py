@@ -43,7 +43,14 @@ def test_a_quick_info_line_is_what_format_makes_of_the_record(
     stamped: bool, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     formatter = _Formatter(stamped=stamped, prefix=prefix)
-    for created in (1_795_000_000.0, 1_795_000_000.999, 1_795_000_001.25, 1_795_000_000.5):
+    for created in (
+        1_795_000_000.0,
+        1_795_000_000.999,
+        1_795_000_001.25,
+        1_795_000_001.2504,  # the same millisecond: the line's start is reused
+        1_795_000_001.2514,  # the next one
+        1_795_000_000.5,  # the clock stepped back
+    ):
         monkeypatch.setattr(runtime.time, "time", lambda created=created: created)
         assert formatter.info_line("hello x") == formatter.format(_record(created)) + "\n"
 
