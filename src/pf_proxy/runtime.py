@@ -53,19 +53,20 @@ class _Formatter(logging.Formatter):
         second = int(now)
         at = second, int((now - second) * 1000)  # as LogRecord.msecs
         if at != self._stamp_at:
-            if second != self._second:
-                self._second_text = time.strftime(self.default_time_format, self.converter(second))
-                self._second = second
-            self._stamp = f"{self._second_text},{at[1]:03d} INFO {self.prefix}"
+            self._stamp = f"{self._date_and_time(second)},{at[1]:03d} INFO {self.prefix}"
             self._stamp_at = at
         return self._stamp + message + "\n"
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
+        return f"{self._date_and_time(second)},{int(record.msecs):03d}"  # as default_msec_format
+
+    def _date_and_time(self, second: int) -> str:
+        """The date and time of `second` as the default format has them (made once a second)."""
         if second != self._second:
             self._second_text = time.strftime(self.default_time_format, self.converter(second))
             self._second = second
-        return f"{self._second_text},{int(record.msecs):03d}"  # as default_msec_format
+        return self._second_text
 
 
 class _LoopFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
