@@ -72,12 +72,13 @@ class _Formatter(logging.Formatter):
 class _LoopFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A StreamHandler that, on a running event loop, writes at most every FLUSH_DELAY.
 
-    The relays log up to three lines per connection, each in a different turn of the loop;
-    flushed one by one, each line was a write(2) of its own (three of a short connection's
-    43 system calls). Now the lines of FLUSH_DELAY seconds go out together. Without a running
-    loop (start-up, shutdown, other threads) every line is written at once, as before. A
-    process killed by SIGKILL can lose its last FLUSH_DELAY of lines; SIGTERM, SIGINT and
-    normal exits lose none (logging.shutdown flushes).
+    The relays log up to three INFO lines per connection, each in a different turn of the
+    loop; flushed one by one, each line was a write(2) of its own (three of a short
+    connection's 43 system calls). Now the lines of FLUSH_DELAY seconds go out together.
+    Without a running loop (start-up, shutdown, other threads) every line is written at once.
+    An INFO line waits at most FLUSH_DELAY (or until WRITE_SIZE bytes are held), so a process
+    killed by SIGKILL loses at most that much INFO; SIGTERM, SIGINT and normal exits lose
+    none (logging.shutdown flushes). Warnings and errors never wait: see `_AtOnceHandler`.
 
     Lines are written whole, in writes of at most PIPE_BUF bytes where they fit: such a
     write to a pipe is atomic, so the workers of ``--workers N``, which share one stdout,
@@ -124,6 +125,10 @@ class _LoopFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._flush_on = None
         self._write()
 
+    def write_held(self) -> None:
+        """Write the lines held now (the scheduled flush then finds none)."""
+        self._write()
+
     def _write(self) -> None:
         """Write the lines held, in one write(2) (each call holds at most WRITE_SIZE bytes,
         or one longer line)."""
@@ -135,6 +140,34 @@ class _LoopFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.stream.flush()
         except (OSError, ValueError):
             pass  # stdout gone (a closed pipe): nothing to tell, nowhere to tell it
+
+
+class _AtOnceHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The WARNING-and-above handler: each line is written the moment it is logged, after
+    the INFO lines `earlier` holds (flushed first, so the two streams keep their order where
+    they meet, as in the journal or a supervisord log).
+
+    These are the lines that explain a failure, and the last ones before an end the process
+    does not choose (the OOM killer's or a supervisor's SIGKILL): they must not wait in a
+    buffer the process dies with.
+    """
+
+    def __init__(self, stream: TextIO, earlier: _LoopFlushedHandler) -> None:
+        super().__init__(stream)
+        self.earlier = earlier
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        self.earlier.write_held()
+        try:
+            self.stream.write(line)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone (a closed pipe): nothing to tell, nowhere to tell it
 
 
 def configure_logging(level: int = logging.INFO, prefix: str = "") -> None:
@@ -153,7 +186,7 @@ def configure_logging(level: int = logging.INFO, prefix: str = "") -> None:
     logging.logMultiprocessing = False
     out = _LoopFlushedHandler(sys.stdout)
     out.addFilter(_BelowWarning())
-    err = _LoopFlushedHandler(sys.stderr)
+    err = _AtOnceHandler(sys.stderr, earlier=out)
     err.setLevel(logging.WARNING)
     root = logging.getLogger()
     for old in root.handlers:

@@ -160,3 +160,56 @@ def test_lines_go_out_whole_in_writes_a_pipe_keeps_atomic() -> None:
     for write in stream.writes:
         assert write.endswith("\n")
         assert len(write.encode()) <= 4096 or write.count("\n") == 1, write[:80]
+
+
+def test_warnings_and_errors_are_written_at_once_after_the_info_lines_held() -> None:
+    """An ERROR line must not wait in the batch (a SIGKILL would lose it), and the INFO lines
+    logged before it go out first, so a reader of both streams sees them in order."""
+    shared: list[str] = []  # both streams' writes, in the order they happened
+
+    class _Shared(_RecordingStream):
+        def flush(self) -> None:
+            if self._pending:
+                shared.append(self._pending)
+            super().flush()
+
+    out, err = _Shared(), _Shared()
+    info_handler = runtime._LoopFlushedHandler(out)
+    error_handler = runtime._AtOnceHandler(err, earlier=info_handler)
+    error_handler.setLevel(logging.WARNING)
+    for handler in (info_handler, error_handler):
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    info_handler.addFilter(runtime._BelowWarning())
+    logger = logging.getLogger("test-at-once")
+    logger.addHandler(info_handler)
+    logger.addHandler(error_handler)
+    logger.setLevel(logging.INFO)
+    try:
+
+        async def failing() -> tuple[list[str], list[str]]:
+            logger.info("accepted")
+            logger.info("proxying")
+            logger.error("closing: upstream refused")
+            seen_at_once = list(shared)
+            logger.info("after")
+            await asyncio.sleep(runtime._LoopFlushedHandler.FLUSH_DELAY * 3)
+            return seen_at_once, list(shared)
+
+        at_once, at_end = asyncio.run(failing())
+    finally:
+        logger.removeHandler(info_handler)
+        logger.removeHandler(error_handler)
+    assert at_once == ["INFO accepted\nINFO proxying\n", "ERROR closing: upstream refused\n"]
+    assert at_end == [*at_once, "INFO after\n"]
+
+
+def test_configure_logging_sends_warnings_through_the_at_once_handler() -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        runtime.configure_logging()
+        kinds = [type(handler) for handler in root.handlers]
+        assert kinds == [runtime._LoopFlushedHandler, runtime._AtOnceHandler]
+        assert root.handlers[1].level == logging.WARNING
+    finally:
+        root.handlers[:], root.level = saved
