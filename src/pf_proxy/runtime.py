@@ -313,11 +313,27 @@ def run(
     log.info("Open file limit: %d", limit)
     serving = _serving(main, metrics_address, metrics_socket)
     try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(serving)
-    result: int = uvloop.run(serving)
-    return result
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(serving)
+        result: int = uvloop.run(serving)
+        return result
+    finally:
+        ignore_stop_signals()
+
+
+def ignore_stop_signals() -> None:
+    """From the end of the loop to the exit, SIGTERM and SIGINT are ignored, as during the
+    drain: the loop's handlers are gone, and the default action would end a process that has
+    drained cleanly with 143 (or 130) instead of its own exit code.
+
+    `_serving` blocked them before its loop closed (closing it restores the default action);
+    one that came since is pending, and is discarded once its action is to ignore it.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 async def _serving(
@@ -338,6 +354,7 @@ async def _serving(
     finally:
         if server is not None:
             server.close()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # see ignore_stop_signals
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -107,7 +107,9 @@ class Supervisor:
         finally:
             signal.set_wakeup_fd(previous_wakeup)
             for signum, handler in handlers.items():
-                signal.signal(signum, handler)
+                # The stop signals stay ignored until the exit: their default action would
+                # turn this drained command's exit code into 143 or 130.
+                signal.signal(signum, signal.SIG_IGN if signum in _STOP_SIGNALS else handler)
             for fd in (self._ready_read, self._ready_write, self._wake_read, self._wake_write):
                 os.close(fd)
         if self.failed:

@@ -346,3 +346,41 @@ def test_systemd_notify_ready_and_stopping(
             assert "systemd notify" not in proxy.stderr  # no failed sends
         finally:
             proxy.stop()
+
+
+# --- (e) signals until the very end -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["vsock-to-ip", "-v", "88:4000", "-i", "127.0.0.1:9"],
+        ["ip-to-vsock", "-i", "127.0.0.1:{port}", "-v", "88:4000", "--workers", "2"],
+        ["udp-to-vsock", "-i", "127.0.0.1:{port}", "-v", "88:53"],
+        ["vsock-to-ip-raw-outgoing", "-v", "88:1200", "--device", "lo"],
+    ],
+    ids=["tcp", "tcp-workers", "udp", "raw"],
+)
+def test_sigterms_after_the_drain_are_ignored_until_exit(
+    command: list[str], vsock_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A second SIGTERM (or SIGINT) is ignored during the drain and after it: the proxy exits
+    0 however many come, and whenever, until it is gone (not 143, SIGTERM's default death,
+    when one lands between the drain's end and the exit)."""
+    args = [part.format(port=free_port()) for part in command]
+    for attempt in range(5):
+        proxy = Proxy(args, tmp_path, vsock_env)
+        try:
+            proxy.wait_ready()
+            sent = 0
+            deadline = time.monotonic() + WAIT
+            while proxy.process.poll() is None and time.monotonic() < deadline:
+                os.kill(proxy.process.pid, signal.SIGTERM if sent % 2 == 0 else signal.SIGINT)
+                sent += 1
+                time.sleep(0.0005)
+            assert proxy.process.wait(WAIT) == 0, (
+                f"try {attempt + 1}, {sent} signals:\n{proxy.stdout}\n{proxy.stderr}"
+            )
+            assert sent > 1
+        finally:
+            proxy.stop()

@@ -9,10 +9,21 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from pf_proxy import runtime, workers
+
+
+@pytest.fixture(autouse=True)
+def _stop_signals_restored() -> Iterator[None]:
+    """Supervisor.run leaves SIGTERM and SIGINT ignored for the command's exit; give this
+    process (pytest) its own handlers back."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 def test_a_failed_fork_stops_the_started_workers_and_exits_1(
