@@ -11,10 +11,9 @@ packet) and register a *source*: a function that turns them into metric families
 when somebody scrapes. Label values come from small fixed sets (outcomes, drop reasons,
 directions), never from addresses: an enclave can dial millions of them.
 
-The listener runs on the event loop and cannot take the proxy down: at most MAX_SCRAPERS
-connections at once (more are closed at once), one request each, which must arrive whole
-within REQUEST_TIMEOUT seconds and MAX_REQUEST bytes; anything else gets an error status and
-the connection is closed.
+The listener runs on the event loop and can neither take the proxy down nor be held by idle
+connections: see `MetricsListener`. One request per connection, which must arrive whole within
+REQUEST_TIMEOUT seconds and MAX_REQUEST bytes; anything else gets an error status or is closed.
 """
 
 from __future__ import annotations
@@ -33,9 +32,18 @@ from pf_proxy.endpoints import BindError, IpAddress, IpEndpoint
 
 log = logging.getLogger("pf_proxy")
 
-MAX_SCRAPERS = 8
+# Connections waiting for their request at once: a descriptor each, which runtime's SPARE_FDS
+# keeps out of the data path's budget.
+MAX_SCRAPERS = 128
+# The least a waiting connection keeps its place when newer ones want it. An honest client's
+# request follows its handshake within microseconds to a round trip; this is far longer.
+MIN_WAIT = 0.025
 REQUEST_TIMEOUT = 5.0
 MAX_REQUEST = 8192
+ACCEPTS_PER_WAKEUP = 64  # then the loop's other work gets a turn
+ACCEPT_BACKOFF = 0.1
+SWEEP_EVERY = 0.5  # how often connections past REQUEST_TIMEOUT are looked for
+LOG_EVERY = 10.0  # at most one line per this many seconds about unanswered connections
 
 REGISTRY = CollectorRegistry(auto_describe=False)
 ProcessCollector(registry=REGISTRY)  # process_open_fds, process_max_fds, resident memory, CPU
@@ -113,45 +121,191 @@ def answer(request: bytes) -> bytes:
     return response
 
 
-class _Scrapers:
-    """The /metrics listener's connections: bounded in number, time and request size."""
+class MetricsListener:
+    """The /metrics listener's connections, driven by readiness callbacks on the loop.
 
-    def __init__(self) -> None:
-        self.active = 0
+    A probe or a scrape must be answered however many connections idle against the port (a
+    liveness probe left unanswered restarts a healthy proxy). Honest clients send their
+    request the moment they connect; the connections that hold the port do not. So:
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= MAX_SCRAPERS:
-            writer.transport.abort()
-            return
-        self.active += 1
+    - an accepted connection is read at once, and answered in the same turn of the loop if
+      its request is there: it needs no place to wait;
+    - at most MAX_SCRAPERS connections wait for the rest of a request. When all places are
+      taken, a new connection takes the oldest one's, but only once that one has waited
+      MIN_WAIT; until then accepting pauses, and new connections wait in the listen backlog,
+      where their requests arrive. Pushing out at once would let a flood that reconnects
+      whatever is closed churn the places faster than an honest request can arrive; pausing
+      bounds the churn (MAX_SCRAPERS per MIN_WAIT) and keeps the queue moving, so a probe
+      behind a thousand held connections is accepted, request in hand, within a fraction of
+      a second;
+    - a request must arrive whole within REQUEST_TIMEOUT seconds and MAX_REQUEST bytes.
+
+    Connections closed without an answer (pushed out, too slow) are logged at most once per
+    LOG_EVERY seconds, with their counts.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.waiting: dict[int, _Scraper] = {}  # by descriptor, oldest first
+        self.accepting = False
+        self.evicted = 0
+        self.timed_out = 0
+        self._sweeping: asyncio.TimerHandle | None = None
+        self._logged_at = -LOG_EVERY
+
+    def start(self) -> None:
+        if not self.accepting and self.sock.fileno() >= 0:
+            self.accepting = True
+            self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
+
+    def _pause(self, seconds: float) -> None:
+        if self.accepting:
+            self.accepting = False
+            self.loop.remove_reader(self.sock.fileno())
+        self.loop.call_later(seconds, self.start)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._pause(0)
+            self.sock.close()
+        for scraper in list(self.waiting.values()):
+            self._finish(scraper, b"")
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+        self._logged_at = -LOG_EVERY  # the counts since the last line, whenever that was
+        self._log_unanswered()
+
+    def _on_acceptable(self) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            if len(self.waiting) >= MAX_SCRAPERS:
+                oldest = next(iter(self.waiting.values()))
+                waited = self.loop.time() - oldest.accepted
+                if waited < MIN_WAIT:
+                    self._pause(MIN_WAIT - waited)
+                    return
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # out of descriptors, say: try again shortly
+                log.warning("metrics listener: accept failed: %s", exc)
+                self._pause(ACCEPT_BACKOFF)
+                return
+            conn.setblocking(False)
+            scraper = _Scraper(conn, self.loop.time())
+            response = self._read(scraper)
+            if response is None:
+                self._wait(scraper)
+            else:
+                self._finish(scraper, response)
+
+    def _wait(self, scraper: _Scraper) -> None:
+        """Keep `scraper` until its request is whole, in the oldest one's place if full."""
+        if len(self.waiting) >= MAX_SCRAPERS:
+            self.evicted += 1
+            self._finish(next(iter(self.waiting.values())), b"")
+            self._log_unanswered()
+        fd = scraper.sock.fileno()
+        self.waiting[fd] = scraper
+        self.loop.add_reader(fd, self._on_readable, scraper)
+        if self._sweeping is None:
+            self._sweeping = self.loop.call_later(SWEEP_EVERY, self._sweep)
+
+    def _on_readable(self, scraper: _Scraper) -> None:
+        response = self._read(scraper)
+        if response is not None:
+            self._finish(scraper, response)
+
+    def _read(self, scraper: _Scraper) -> bytes | None:
+        """Read what came. The response once the request is whole (b"": close without one,
+        the client is gone); None while it is not."""
         try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                request = await reader.readuntil(b"\r\n\r\n")
-                writer.write(answer(request))
-                await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # slow, cut short or oversized: closed without an answer
-        except OSError as exc:
-            log.debug("metrics client: %s", exc)
-        finally:
-            self.active -= 1
-            writer.transport.abort()
+            chunk = scraper.sock.recv(MAX_REQUEST - len(scraper.received))
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+        if not chunk:
+            return b""
+        searched = max(0, len(scraper.received) - 3)  # the end may span two reads
+        scraper.received += chunk
+        end = scraper.received.find(b"\r\n\r\n", searched)
+        if end >= 0:
+            return answer(bytes(scraper.received[: end + 4]))
+        if len(scraper.received) >= MAX_REQUEST:
+            return _response("431 Request Header Fields Too Large", b"request head too long\n")
+        return None
+
+    def _finish(self, scraper: _Scraper, response: bytes) -> None:
+        """Stop waiting for `scraper`, send `response` (if any) and close.
+
+        The response fits the socket's send buffer (a scrape's text is tens of KiB); what
+        would not is cut, and the client sees a short body rather than a held descriptor."""
+        sock = scraper.sock
+        if self.waiting.pop(sock.fileno(), None) is not None:
+            self.loop.remove_reader(sock.fileno())
+        if response:
+            try:
+                sock.send(response)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                log.debug("metrics client: %s", exc)
+        sock.close()
+
+    def _sweep(self) -> None:
+        """Close the connections past their deadline (the oldest come first)."""
+        self._sweeping = None
+        now = self.loop.time()
+        for scraper in list(self.waiting.values()):
+            if scraper.accepted + REQUEST_TIMEOUT > now:
+                break
+            self.timed_out += 1
+            self._finish(scraper, b"")
+        self._log_unanswered()
+        if self.waiting:
+            self._sweeping = self.loop.call_later(SWEEP_EVERY, self._sweep)
+
+    def _log_unanswered(self) -> None:
+        now = self.loop.time()
+        if now - self._logged_at < LOG_EVERY or not (self.evicted or self.timed_out):
+            return
+        log.warning(
+            "metrics listener: closed %d connections without an answer: %d pushed out by newer "
+            "ones (at most %d wait for a request), %d with no whole request within %g s",
+            self.evicted + self.timed_out,
+            self.evicted,
+            MAX_SCRAPERS,
+            self.timed_out,
+            REQUEST_TIMEOUT,
+        )
+        self.evicted = self.timed_out = 0
+        self._logged_at = now
+
+
+class _Scraper:
+    __slots__ = ("accepted", "received", "sock")
+
+    def __init__(self, sock: socket.socket, accepted: float) -> None:
+        self.sock = sock
+        self.accepted = accepted  # the loop's time
+        self.received = bytearray()
 
 
 def bind(address: IpAddress) -> socket.socket:
     """The listening socket for /metrics at `address`; `BindError` names the address."""
     try:
-        return IpEndpoint(address).listen(backlog=MAX_SCRAPERS)
+        return IpEndpoint(address).listen()
     except BindError as exc:
         raise BindError(exc.errno, f"metrics listener: {exc.strerror}") from exc
 
 
-async def serve(address: IpAddress, sock: socket.socket | None = None) -> asyncio.Server:
-    """Serve /metrics and /healthz on `address` (on `sock`, already bound there, if given);
-    `BindError` names the address."""
+async def serve(address: IpAddress, sock: socket.socket | None = None) -> MetricsListener:
+    """Serve /metrics and /healthz on `address` (on `sock`, already bound there, if given)
+    until the listener is closed; `BindError` names the address."""
     if sock is None:
         sock = bind(address)
-    scrapers = _Scrapers()
-    server = await asyncio.start_server(scrapers.handle, sock=sock, limit=MAX_REQUEST)
+    listener = MetricsListener(sock)
+    listener.start()
     log.info("Metrics on: http://%s/metrics and /healthz", address)
-    return server
+    return listener

@@ -246,8 +246,8 @@ def raise_open_file_limit() -> int:
 
 
 # Descriptors kept for everything but connections (or UDP flows): the event loop's own, the
-# relay's pool of spare pipes, name resolution, the metrics listener.
-SPARE_FDS = 64
+# relay's pool of spare pipes, name resolution, and the metrics listener's connections.
+SPARE_FDS = 64 + metrics.MAX_SCRAPERS
 MIN_CONNECTION_LIMIT = 8
 
 

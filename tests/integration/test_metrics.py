@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pf_proxy import metrics
 from tests.integration.helpers import (
     EchoServer,
     Proxy,
@@ -184,8 +187,8 @@ def test_misbehaving_scrapers_are_bounded_and_the_proxy_carries_on(
                     except ConnectionResetError:
                         pass  # closed at once: over the scrapers' limit, or oversized
             time.sleep(0.5)
-            # The silent ones hold at most MAX_SCRAPERS (8) places; the rest were closed.
-            assert socket_fds(pid) <= baseline + 8 + 2
+            # The silent ones hold at most MAX_SCRAPERS places; the rest were closed.
+            assert socket_fds(pid) <= baseline + metrics.MAX_SCRAPERS
             payload = os.urandom(100_000)
             assert exchange(emulated.path("88:4000"), payload, family=socket.AF_UNIX) == payload
         finally:
@@ -193,4 +196,55 @@ def test_misbehaving_scrapers_are_bounded_and_the_proxy_carries_on(
                 sock.close()
         wait_until(lambda: get(metrics_port, "/metrics")[0] == 200, "a scrape served again")
         wait_until(lambda: socket_fds(pid) == baseline, "the scrapers' sockets released")
+        assert proxy.process.poll() is None
+
+
+FLOOD = 1000  # connections held against the metrics port
+
+
+def test_healthz_and_prometheus_are_answered_within_1_s_under_a_slowloris_flood(
+    emulated: Vsock, echo: EchoServer, tmp_path: Path
+) -> None:
+    """1,000 connections, idle or dripping a request head a byte at a time, reopened as soon
+    as the proxy closes them: a curl probe of /healthz and the real Prometheus's scrapes (1 s
+    timeout) are still answered, within 1 s each; the data path carries on; the connections
+    closed unanswered are logged (at a limited rate); the descriptors come back."""
+    metrics_port = free_port()
+    with running(
+        "vsock-to-ip", "-v", "88:4000", "-i", f"127.0.0.1:{echo.port}",
+        "--metrics", f"127.0.0.1:{metrics_port}", log_dir=tmp_path, env=emulated.env,
+    ) as proxy:  # fmt: skip
+        pid = proxy.process.pid
+        baseline = socket_fds(pid)
+        flood = subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.flood", "127.0.0.1", str(metrics_port),
+             str(FLOOD), "40"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert flood.stdout is not None
+            assert flood.stdout.readline() == f"holding {FLOOD}\n"
+            time.sleep(2)  # the flood in full swing: every slot held, more waiting
+            assert flood.poll() is None
+            with prometheus(tmp_path, [f"127.0.0.1:{metrics_port}"]) as server:
+                for _ in range(10):
+                    probe = run_briefly(
+                        "curl", "--silent", "--show-error", "--max-time", "1",
+                        "--write-out", "%{http_code}", "--output", "/dev/null",
+                        f"http://127.0.0.1:{metrics_port}/healthz",
+                    )  # fmt: skip
+                    assert (probe.returncode, probe.stdout) == (0, "200"), probe
+                    time.sleep(0.5)
+                payload = os.urandom(100_000)
+                assert exchange(emulated.path("88:4000"), payload, family=socket.AF_UNIX) == payload
+                # Every scrape of the last 5 s answered within its 1 s timeout (up 0 otherwise).
+                server.wait_for("count_over_time(up[5s])", 5)
+                assert server.value("min_over_time(up[5s])") == 1
+                assert server.value("max_over_time(scrape_duration_seconds[5s])") < 1
+        finally:
+            flood.terminate()
+            flood.wait(WAIT)
+        assert "metrics listener: closed" in proxy.stderr
+        assert "pushed out by newer ones" in proxy.stderr
+        wait_until(lambda: socket_fds(pid) == baseline, "the flood's sockets released")
         assert proxy.process.poll() is None
