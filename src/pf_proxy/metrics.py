@@ -22,18 +22,19 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable, Iterable
-
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from typing import TYPE_CHECKING, Any
 
 from pf_proxy import __version__
+from pf_proxy.current import proxy_name
 from pf_proxy.endpoints import BindError, IpAddress, IpEndpoint
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("pf_proxy")
 
-# Connections waiting for their request at once: a descriptor each, which runtime's SPARE_FDS
-# keeps out of the data path's budget.
+# Connections waiting for their request at once: a descriptor each, which runtime keeps out
+# of the data path's budget when --metrics is on.
 MAX_SCRAPERS = 128
 # The least a waiting connection keeps its place when newer ones want it. An honest client's
 # request follows its handshake within microseconds to a round trip; this is far longer.
@@ -45,36 +46,80 @@ ACCEPT_BACKOFF = 0.1
 SWEEP_EVERY = 0.5  # how often connections past REQUEST_TIMEOUT are looked for
 LOG_EVERY = 10.0  # at most one line per this many seconds about unanswered connections
 
-REGISTRY = CollectorRegistry(auto_describe=False)
-ProcessCollector(registry=REGISTRY)  # process_open_fds, process_max_fds, resident memory, CPU
+Source = Callable[[], Iterable["Metric"]]
 
-Source = Callable[[], Iterable[Metric]]
-
-
-class _SourceCollector:
-    def __init__(self, source: Source) -> None:
-        self.source = source
-
-    def collect(self) -> Iterable[Metric]:
-        return self.source()
+# What /metrics serves besides the process's own figures: each data plane's source, with the
+# name of the proxy it serves (None in a single command). Only when somebody scrapes are the
+# sources read and prometheus_client imported: a proxy without --metrics never loads it.
+_sources: list[tuple[str | None, Source]] = []
 
 
-def register(source: Source) -> None:
-    """Add a data plane's metric families to what /metrics serves (collected per scrape)."""
-    REGISTRY.register(_SourceCollector(source))
+def register(source: Source) -> Callable[[], None]:
+    """Add a data plane's metric families to what /metrics serves (collected per scrape),
+    labelled with the proxy being served here, if any; returns what takes them out again."""
+    entry = (proxy_name(), source)
+    _sources.append(entry)
+    return lambda: _sources.remove(entry)
 
 
-def describe_command(command: str) -> None:
-    """pf_proxy_info{command, version} 1: which command this process is."""
+def describe_command(command: str) -> Callable[[], None]:
+    """pf_proxy_info{command, version} 1: which command this process (or proxy) is."""
 
     def info() -> Iterable[Metric]:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
         family = GaugeMetricFamily(
             "pf_proxy_info", "The command this process runs.", labels=["command", "version"]
         )
         family.add_metric([command, __version__], 1)
         yield family
 
-    register(info)
+    return register(info)
+
+
+def collect() -> Iterable[Metric]:
+    """Every source's families, those of one name merged into one family; under `pf-proxy
+    run`, each sample labelled `proxy` with the name of the proxy that counted it."""
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.samples import Sample
+
+    merged: dict[str, Metric] = {}
+    for proxy, source in list(_sources):
+        for family in source():
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+            if proxy is None:
+                into.samples += family.samples
+            else:
+                into.samples += [
+                    Sample(s.name, {**s.labels, "proxy": proxy}, s.value, s.timestamp, s.exemplar)
+                    for s in family.samples
+                ]
+    return merged.values()
+
+
+class _Sources:
+    def collect(self) -> Iterable[Metric]:
+        return collect()
+
+
+_registry: Any = None  # a prometheus_client CollectorRegistry, made at the first scrape
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text /metrics serves, and its content type."""
+    global _registry
+    from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    if _registry is None:
+        _registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=_registry)  # open fds and their limit, memory, CPU time
+        _registry.register(_Sources())
+    return generate_latest(_registry), CONTENT_TYPE_LATEST
 
 
 class Health:
@@ -115,7 +160,7 @@ def answer(request: bytes) -> bytes:
         else:
             response = _response("503 Service Unavailable", f"{HEALTH.draining}\n".encode())
     else:
-        response = _response("200 OK", generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+        response = _response("200 OK", *exposition())
     if method == b"HEAD":
         response = response.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
     return response

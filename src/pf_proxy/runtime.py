@@ -10,10 +10,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
 
 from pf_proxy import metrics
+from pf_proxy.current import log_prefix
 from pf_proxy.endpoints import BindError, IpAddress, emulation_dir_from_env
 
 log = logging.getLogger("pf_proxy")
@@ -40,22 +41,26 @@ class _Formatter(logging.Formatter):
 
     def __init__(self, stamped: bool, prefix: str) -> None:
         timestamp = "%(asctime)s " if stamped else ""
-        super().__init__(f"{timestamp}%(levelname)s {prefix}%(message)s")
+        super().__init__(f"{timestamp}%(levelname)s {prefix}%(proxy)s%(message)s")
         self.stamped = stamped
         self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.proxy = log_prefix()  # the proxy's name under `pf-proxy run`, else ""
+        return super().format(record)
 
     def info_line(self, message: str) -> str:
         """What `format` makes of an INFO record of `message`, without the record (its
         start made once a millisecond: a busy proxy logs several lines in each)."""
         if not self.stamped:
-            return f"INFO {self.prefix}{message}\n"
+            return f"INFO {self.prefix}{log_prefix()}{message}\n"
         now = time.time()
         second = int(now)
         at = second, int((now - second) * 1000)  # as LogRecord.msecs
         if at != self._stamp_at:
             self._stamp = f"{self._date_and_time(second)},{at[1]:03d} INFO {self.prefix}"
             self._stamp_at = at
-        return self._stamp + message + "\n"
+        return self._stamp + log_prefix() + message + "\n"
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
@@ -246,8 +251,10 @@ def raise_open_file_limit() -> int:
 
 
 # Descriptors kept for everything but connections (or UDP flows): the event loop's own, the
-# relay's pool of spare pipes, name resolution, and the metrics listener's connections.
-SPARE_FDS = 64 + metrics.MAX_SCRAPERS
+# relay's pool of spare pipes, name resolution; with --metrics, the metrics listener's
+# waiting connections too (`run` adds them).
+SPARE_FDS = 64
+_spare_fds = SPARE_FDS
 MIN_CONNECTION_LIMIT = 8
 
 
@@ -259,8 +266,8 @@ def open_file_limit() -> int:
 
 def connection_limit(open_files: int, fds_per_connection: int) -> int:
     """How many connections (or UDP flows) of `fds_per_connection` descriptors each fit in
-    `open_files` descriptors at once, SPARE_FDS kept aside."""
-    return max(MIN_CONNECTION_LIMIT, (open_files - SPARE_FDS) // fds_per_connection)
+    `open_files` descriptors at once, the spare ones kept aside."""
+    return max(MIN_CONNECTION_LIMIT, (open_files - _spare_fds) // fds_per_connection)
 
 
 def systemd_notify(state: str) -> None:
@@ -309,8 +316,11 @@ def run(
     before `main` starts until it ends, on `metrics_socket` if it is bound already; if that
     address cannot be bound, exit 1 at once.
     """
+    global _spare_fds
     limit = raise_open_file_limit()
     log.info("Open file limit: %d", limit)
+    if metrics_address is not None:
+        _spare_fds = SPARE_FDS + metrics.MAX_SCRAPERS
     serving = _serving(main, metrics_address, metrics_socket)
     try:
         try:
@@ -375,7 +385,41 @@ def stop_event() -> asyncio.Event:
     return stop
 
 
+_drain_reasons: list[str] = []
+
+
 def draining(reason: str) -> None:
-    """The command stops taking new work: tell systemd (STOPPING=1) and /healthz (503)."""
-    metrics.HEALTH.drain(reason)
-    systemd_notify("STOPPING=1")
+    """The process stops taking new work: tell systemd (STOPPING=1, once) and /healthz (503,
+    with each draining proxy's reason)."""
+    if not _drain_reasons:
+        systemd_notify("STOPPING=1")
+    _drain_reasons.append(log_prefix() + reason)
+    metrics.HEALTH.drain("; ".join(_drain_reasons))
+
+
+class Stop:
+    """How one proxy learns that it must stop taking new work and drain: because the process
+    stops (SIGTERM or SIGINT), or because a reload removed or changed it."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.process_stopping = False
+
+    def set(self, process_stopping: bool) -> None:
+        self.process_stopping = process_stopping
+        self.event.set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+    def draining(self, what: str) -> None:
+        """The proxy drains (`what`: "draining 3 connections"): if the whole process stops,
+        /healthz and systemd hear of it (see `draining`); a proxy a reload stops leaves the
+        process serving."""
+        if self.process_stopping:
+            draining(f"SIGTERM or SIGINT received: {what}")
+        else:
+            log.info("Stopped by a reload: %s", what)
+
+
+Ready = Callable[[], None]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -147,6 +148,16 @@ class WholeNumber(click.IntRange):
         if not self.min <= number <= self.max:
             self.fail(f"{value!r} is out of range ({valid})", param, ctx)
         return number
+
+
+def run_command(kind: str, options: dict[str, Any]) -> NoReturn:
+    """Serve one proxy of `kind` with the options from its flags: a run file with one proxy
+    (see :mod:`pf_proxy.runner`), without the name in its log lines. Exits."""
+    from pf_proxy import kinds, runner, runtime
+
+    runtime.start_logging()
+    spec = runner.Spec("", kind, options)
+    sys.exit(runner.run([spec], kinds.plan, options.get("metrics_address")))
 
 
 def command(help_text: str) -> Callable[[F], F]:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-import sys
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from pf_proxy import metrics, runtime
+from pf_proxy import metrics
 from pf_proxy.cli.options import (
     VSOCK_ADDRESS,
     F,
@@ -17,19 +19,13 @@ from pf_proxy.cli.options import (
     WholeNumber,
     command,
     metrics_option,
+    run_command,
     stats_interval_counting,
     vsock_buffer,
 )
-from pf_proxy.endpoints import IpAddress, VsockAddress, vsock_endpoint
-from pf_proxy.raw import forward
-from pf_proxy.raw import metrics as raw_metrics
-from pf_proxy.raw.addresses import (
-    AddressLookupError,
-    find_outgoing_interface,
-    interface_address,
-    read_enclave_address,
-)
-from pf_proxy.raw.policy import IncomingPolicy, OutgoingPolicy
+from pf_proxy.endpoints import VsockEndpoint, vsock_endpoint
+from pf_proxy.runner import PlanError
+from pf_proxy.runtime import Ready, Stop
 
 log = logging.getLogger("pf_proxy")
 
@@ -75,35 +71,63 @@ def _service_options(func: F) -> F:
     return stats_interval_counting("forwarded and dropped")(func)
 
 
-def _queue_to_vsock(
-    name: str,
-    vsock_addr: VsockAddress,
-    queue_num: int,
-    stats_interval: float,
-    drain_timeout: float,
-    vsock_buffer_size: int,
-    metrics_address: IpAddress | None,
-) -> None:
-    runtime.start_logging()
-    link = vsock_endpoint(vsock_addr, vsock_buffer_size)
-
-    async def main() -> int:
-        forwarder = forward.QueueToVsock(queue_num, link)
-        log.info("Proxying to: %s", forwarder.endpoint)
-        return await _serve(forwarder, name, stats_interval, drain_timeout)
-
-    sys.exit(runtime.run(main(), metrics_address))
+Options = dict[str, Any]
 
 
-async def _serve(
-    forwarder: forward.QueueToVsock | forward.VsockToDevice,
-    name: str,
-    stats_interval: float,
-    drain_timeout: float,
-) -> int:
-    metrics.describe_command(name)
-    metrics.register(raw_metrics.source(forwarder))
-    return await forward.serve(forwarder, name, stats_interval, drain_timeout)
+@dataclass
+class _RawPlan:
+    """A raw proxy to run (see :mod:`pf_proxy.runner`): its forwarder opens its own queue or
+    listener, retrying with backoff as the originals do, so nothing is bound beforehand."""
+
+    name: str  # the command's, for the counters' lines
+    make_forwarder: Callable[[Ready], Any]  # a forward.QueueToVsock or forward.VsockToDevice
+    proxying_to: str
+    stats_interval: float
+    drain_timeout: float
+
+    def bind(self, count: int) -> list[socket.socket]:
+        return []
+
+    async def serve(self, sock: socket.socket | None, stop: Stop, ready: Ready) -> int:
+        from pf_proxy.raw import forward
+        from pf_proxy.raw import metrics as raw_metrics
+
+        forwarder = self.make_forwarder(ready)
+        log.info("Proxying to: %s", self.proxying_to)
+        unregister = metrics.register(raw_metrics.source(forwarder))
+        try:
+            return await forward.serve(
+                forwarder, self.name, self.stats_interval, self.drain_timeout, stop
+            )
+        finally:
+            unregister()
+
+
+def _queue_to_vsock(name: str, options: Options) -> _RawPlan:
+    from pf_proxy.raw import forward
+
+    link = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    queue_num = options["queue_num"]
+    return _RawPlan(
+        name,
+        lambda ready: forward.QueueToVsock(queue_num, link, ready),
+        str(link),
+        options["stats_interval"],
+        options["drain_timeout"],
+    )
+
+
+def _vsock_to_device(name: str, options: Options, device: str, policy: Any) -> _RawPlan:
+    from pf_proxy.raw import forward
+
+    listen: VsockEndpoint = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    return _RawPlan(
+        name,
+        lambda ready: forward.VsockToDevice(listen, device, policy.check, ready),
+        f"device {device}",
+        options["stats_interval"],
+        options["drain_timeout"],
+    )
 
 
 @command(
@@ -113,8 +137,12 @@ async def _serve(
 @VSOCK_TARGET
 @QUEUE_NUM
 @_service_options
-def ip_to_vsock_raw_incoming(vsock_addr: VsockAddress, queue_num: int, **service: Any) -> None:
-    _queue_to_vsock("ip-to-vsock-raw-incoming", vsock_addr, queue_num, **service)
+def ip_to_vsock_raw_incoming(**options: Any) -> None:
+    run_command("ip-to-vsock-raw-incoming", options)
+
+
+def plan_ip_to_vsock_raw_incoming(options: Options) -> _RawPlan:
+    return _queue_to_vsock("ip-to-vsock-raw-incoming", options)
 
 
 @command(
@@ -124,33 +152,12 @@ def ip_to_vsock_raw_incoming(vsock_addr: VsockAddress, queue_num: int, **service
 @VSOCK_TARGET
 @QUEUE_NUM
 @_service_options
-def ip_to_vsock_raw_outgoing(vsock_addr: VsockAddress, queue_num: int, **service: Any) -> None:
-    _queue_to_vsock("ip-to-vsock-raw-outgoing", vsock_addr, queue_num, **service)
+def ip_to_vsock_raw_outgoing(**options: Any) -> None:
+    run_command("ip-to-vsock-raw-outgoing", options)
 
 
-def _vsock_to_device(
-    name: str,
-    vsock_addr: VsockAddress,
-    device: str,
-    policy: IncomingPolicy | OutgoingPolicy,
-    stats_interval: float,
-    drain_timeout: float,
-    vsock_buffer_size: int,
-    metrics_address: IpAddress | None,
-) -> None:
-    listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
-
-    async def main() -> int:
-        forwarder = forward.VsockToDevice(listen, device, policy.check)
-        log.info("Proxying to: device %s", device)
-        return await _serve(forwarder, name, stats_interval, drain_timeout)
-
-    sys.exit(runtime.run(main(), metrics_address))
-
-
-def _fail(exc: Exception) -> NoReturn:
-    log.error("%s", exc)
-    sys.exit(1)
+def plan_ip_to_vsock_raw_outgoing(options: Options) -> _RawPlan:
+    return _queue_to_vsock("ip-to-vsock-raw-outgoing", options)
 
 
 @command(
@@ -170,18 +177,22 @@ def _fail(exc: Exception) -> NoReturn:
     help="File holding the enclave's IPv4 address; only packets to it are forwarded.",
 )
 @_service_options
-def vsock_to_ip_raw_incoming(
-    vsock_addr: VsockAddress, device: str, ip_file: Path, **service: Any
-) -> None:
-    runtime.start_logging()
+def vsock_to_ip_raw_incoming(**options: Any) -> None:
+    run_command("vsock-to-ip-raw-incoming", options)
+
+
+def plan_vsock_to_ip_raw_incoming(options: Options) -> _RawPlan:
+    from pf_proxy.raw.addresses import AddressLookupError, read_enclave_address
+    from pf_proxy.raw.policy import IncomingPolicy
+
+    ip_file: Path = options["ip_file"]
     try:
         enclave_address = read_enclave_address(ip_file)
     except AddressLookupError as exc:
-        _fail(exc)
+        raise PlanError(str(exc)) from None
     log.info("Enclave address: %s (from %s)", enclave_address, ip_file)
-    _vsock_to_device(
-        "vsock-to-ip-raw-incoming", vsock_addr, device, IncomingPolicy(enclave_address), **service
-    )
+    policy = IncomingPolicy(enclave_address)
+    return _vsock_to_device("vsock-to-ip-raw-incoming", options, options["device"], policy)
 
 
 @command(
@@ -198,16 +209,26 @@ def vsock_to_ip_raw_incoming(
     "[default: the first eth*/ens* interface with an IPv4 address]",
 )
 @_service_options
-def vsock_to_ip_raw_outgoing(vsock_addr: VsockAddress, device: str | None, **service: Any) -> None:
-    runtime.start_logging()
+def vsock_to_ip_raw_outgoing(**options: Any) -> None:
+    run_command("vsock-to-ip-raw-outgoing", options)
+
+
+def plan_vsock_to_ip_raw_outgoing(options: Options) -> _RawPlan:
+    from pf_proxy.raw.addresses import (
+        AddressLookupError,
+        find_outgoing_interface,
+        interface_address,
+    )
+    from pf_proxy.raw.policy import OutgoingPolicy
+
+    device: str | None = options["device"]
     try:
         if device is None:
             device, address = find_outgoing_interface()
         else:
             address = interface_address(device)
     except AddressLookupError as exc:
-        _fail(exc)
+        raise PlanError(str(exc)) from None
     log.info("Interface: %s, address %s", device, address)
-    _vsock_to_device(
-        "vsock-to-ip-raw-outgoing", vsock_addr, device, OutgoingPolicy(address), **service
-    )
+    policy = OutgoingPolicy(address)
+    return _vsock_to_device("vsock-to-ip-raw-outgoing", options, device, policy)

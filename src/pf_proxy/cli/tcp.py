@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from pf_proxy import metrics, runtime
 from pf_proxy.cli.options import (
     CID,
     CIDR,
@@ -19,19 +17,17 @@ from pf_proxy.cli.options import (
     VSOCK_ADDRESS,
     command,
     metrics_option,
+    run_command,
     timeouts,
     vsock_buffer,
     workers_option,
 )
-from pf_proxy.endpoints import (
-    Endpoint,
-    IpAddress,
-    IpEndpoint,
-    VsockAddress,
-    vsock_endpoint,
-)
-from pf_proxy.tcp import engine, routes
-from pf_proxy.tcp.access import AccessPolicy, HostPattern, IpNetwork, ResolveError
+from pf_proxy.endpoints import Endpoint, IpEndpoint, VsockAddress, vsock_endpoint
+from pf_proxy.runner import PlanError
+
+if TYPE_CHECKING:
+    from pf_proxy.tcp.engine import Plan
+    from pf_proxy.tcp.routes import Route
 
 log = logging.getLogger("pf_proxy")
 
@@ -58,33 +54,27 @@ IP_LISTEN = click.option(
 )
 
 
-def _run(
+Options = dict[str, Any]
+
+
+def _plan(
     listen: Endpoint,
-    make_route: Callable[[], routes.Route],
+    make_route: Callable[[], Route],
     forward: str,
     backward: str,
-    connect_timeout: float,
-    idle_timeout: float,
-    drain_timeout: float,
-    metrics_address: IpAddress | None,
-    workers: int,
-) -> None:
-    runtime.start_logging()
-    metrics.describe_command(click.get_current_context().info_name or "pf-proxy")
+    options: Options,
+) -> Plan:
+    """A TCP proxy's plan: the listener, the route, and the settings from its options."""
+    from pf_proxy.tcp import engine
+
     settings = engine.Settings(
         forward=forward,
         backward=backward,
-        connect_timeout=connect_timeout,
-        idle_timeout=idle_timeout or None,
-        drain_timeout=drain_timeout,
+        connect_timeout=options["connect_timeout"],
+        idle_timeout=options["idle_timeout"] or None,
+        drain_timeout=options["drain_timeout"],
     )
-    if workers > 1:
-        sys.exit(engine.serve_in_workers(listen, make_route, settings, metrics_address, workers))
-
-    async def main() -> int:
-        return await engine.serve(listen, make_route(), settings)
-
-    sys.exit(runtime.run(main(), metrics_address))
+    return engine.Plan(listen, make_route, settings)
 
 
 @command("Forward connections accepted on a vsock address to a TCP/IP endpoint.")
@@ -100,17 +90,16 @@ def _run(
 @vsock_buffer
 @metrics_option
 @workers_option
-def vsock_to_ip(
-    vsock_addr: VsockAddress, ip_addr: IpAddress, vsock_buffer_size: int, **options: Any
-) -> None:
-    upstream = IpEndpoint(ip_addr)
-    _run(
-        vsock_endpoint(vsock_addr, vsock_buffer_size),
-        lambda: routes.fixed(upstream),
-        "vsock to ip",
-        "ip to vsock",
-        **options,
-    )
+def vsock_to_ip(**options: Any) -> None:
+    run_command("vsock-to-ip", options)
+
+
+def plan_vsock_to_ip(options: Options) -> Plan:
+    from pf_proxy.tcp import routes
+
+    upstream = IpEndpoint(options["ip_addr"])
+    listen = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    return _plan(listen, lambda: routes.fixed(upstream), "vsock to ip", "ip to vsock", options)
 
 
 @command("Forward connections accepted on a TCP/IP address to a vsock endpoint.")
@@ -120,13 +109,16 @@ def vsock_to_ip(
 @vsock_buffer
 @metrics_option
 @workers_option
-def ip_to_vsock(
-    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **options: Any
-) -> None:
-    upstream = vsock_endpoint(vsock_addr, vsock_buffer_size)
-    _run(
-        IpEndpoint(ip_addr), lambda: routes.fixed(upstream), "ip to vsock", "vsock to ip", **options
-    )
+def ip_to_vsock(**options: Any) -> None:
+    run_command("ip-to-vsock", options)
+
+
+def plan_ip_to_vsock(options: Options) -> Plan:
+    from pf_proxy.tcp import routes
+
+    upstream = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    listen = IpEndpoint(options["ip_addr"])
+    return _plan(listen, lambda: routes.fixed(upstream), "ip to vsock", "vsock to ip", options)
 
 
 @command(
@@ -181,16 +173,17 @@ def ip_to_vsock(
 @vsock_buffer
 @metrics_option
 @workers_option
-def vsock_to_ip_transparent(
-    vsock_addr: VsockAddress,
-    allow: tuple[IpNetwork, ...],
-    deny: tuple[IpNetwork, ...],
-    deny_private: bool,
-    allow_hosts: tuple[HostPattern, ...],
-    vsock_buffer_size: int,
-    **options: Any,
-) -> None:
-    policy = AccessPolicy(allow, deny, allow_hosts, deny_private)
+def vsock_to_ip_transparent(**options: Any) -> None:
+    run_command("vsock-to-ip-transparent", options)
+
+
+def plan_vsock_to_ip_transparent(options: Options) -> Plan:
+    from pf_proxy.tcp import routes
+    from pf_proxy.tcp.access import AccessPolicy, ResolveError
+
+    policy = AccessPolicy(
+        options["allow"], options["deny"], options["allow_hosts"], options["deny_private"]
+    )
     # The client's first bytes, and then the name's lookup, get half the connect timeout
     # each: a client that sends nothing, or a resolver that does not answer, is denied with a
     # line that says so, before the connect timeout would close it with a vaguer one.
@@ -203,17 +196,17 @@ def vsock_to_ip_transparent(
         try:
             resolver = ResolverCache.from_system(name_timeout)
         except ResolveError as exc:
-            raise click.ClickException(f"--allow-host needs a resolver: {exc}") from None
+            raise PlanError(f"--allow-host needs a resolver: {exc}") from None
 
-    def make_route() -> routes.Route:
+    def make_route() -> Route:
         log.info("Destinations: %s", policy.describe())
         if resolver is None:
             return routes.from_destination_header(policy)
         log.info("Names resolved with: %s", ", ".join(resolver.nameservers))
         return routes.from_destination_header(policy, resolver.addresses, name_timeout)
 
-    listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
-    _run(listen, make_route, "vsock to ip", "ip to vsock", **options)
+    listen = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    return _plan(listen, make_route, "vsock to ip", "ip to vsock", options)
 
 
 @command(
@@ -233,16 +226,20 @@ def vsock_to_ip_transparent(
 @vsock_buffer
 @metrics_option
 @workers_option
-def ip_to_vsock_transparent(
-    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **options: Any
-) -> None:
-    upstream = vsock_endpoint(vsock_addr, vsock_buffer_size)
-    _run(
-        IpEndpoint(ip_addr),
+def ip_to_vsock_transparent(**options: Any) -> None:
+    run_command("ip-to-vsock-transparent", options)
+
+
+def plan_ip_to_vsock_transparent(options: Options) -> Plan:
+    from pf_proxy.tcp import routes
+
+    upstream = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    return _plan(
+        IpEndpoint(options["ip_addr"]),
         lambda: routes.with_destination_header(upstream),
         "ip to vsock",
         "vsock to ip",
-        **options,
+        options,
     )
 
 
@@ -263,14 +260,18 @@ def ip_to_vsock_transparent(
 @vsock_buffer
 @metrics_option
 @workers_option
-def transparent_port_to_vsock(
-    ip_addr: IpAddress, cid: int, vsock_buffer_size: int, **options: Any
-) -> None:
-    template = vsock_endpoint(VsockAddress(cid, 0), vsock_buffer_size)
-    _run(
-        IpEndpoint(ip_addr),
+def transparent_port_to_vsock(**options: Any) -> None:
+    run_command("transparent-port-to-vsock", options)
+
+
+def plan_transparent_port_to_vsock(options: Options) -> Plan:
+    from pf_proxy.tcp import routes
+
+    template = vsock_endpoint(VsockAddress(options["cid"], 0), options["vsock_buffer_size"])
+    return _plan(
+        IpEndpoint(options["ip_addr"]),
         lambda: routes.to_original_port(template),
         "port to vsock",
         "vsock to port",
-        **options,
+        options,
     )

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Coroutine
 from typing import Any
 
 import click
 
-from pf_proxy import metrics, runtime
 from pf_proxy.cli.options import (
     IP_LISTEN_ADDRESS,
     IP_TARGET_ADDRESS,
@@ -16,20 +13,19 @@ from pf_proxy.cli.options import (
     command,
     flow_timeouts,
     metrics_option,
+    run_command,
     stats_interval,
     vsock_buffer,
 )
-from pf_proxy.endpoints import IpAddress, VsockAddress, vsock_endpoint
-from pf_proxy.udp import engine
+from pf_proxy.endpoints import vsock_endpoint
+from pf_proxy.udp.engine import Settings, UdpToVsockPlan, VsockToUdpPlan
+
+Options = dict[str, Any]
+_SETTINGS = ("connect_timeout", "idle_timeout", "drain_timeout", "stats_interval")
 
 
-def _start(name: str) -> None:
-    runtime.start_logging()
-    metrics.describe_command(name)
-
-
-def _run(main: Coroutine[Any, Any, int], metrics_address: IpAddress | None) -> None:
-    sys.exit(runtime.run(main, metrics_address))
+def _settings(options: Options) -> Settings:
+    return Settings(**{name: options[name] for name in _SETTINGS})
 
 
 @command(
@@ -55,17 +51,13 @@ def _run(main: Coroutine[Any, Any, int], metrics_address: IpAddress | None) -> N
 @stats_interval
 @vsock_buffer
 @metrics_option
-def udp_to_vsock(
-    ip_addr: IpAddress,
-    vsock_addr: VsockAddress,
-    vsock_buffer_size: int,
-    metrics_address: IpAddress | None,
-    **options: float,
-) -> None:
-    _start("udp-to-vsock")
-    upstream = vsock_endpoint(vsock_addr, vsock_buffer_size)
-    settings = engine.Settings(**options)
-    _run(engine.serve_udp_to_vsock(ip_addr, upstream, settings), metrics_address)
+def udp_to_vsock(**options: Any) -> None:
+    run_command("udp-to-vsock", options)
+
+
+def plan_udp_to_vsock(options: Options) -> UdpToVsockPlan:
+    upstream = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    return UdpToVsockPlan(options["ip_addr"], upstream, _settings(options))
 
 
 @command(
@@ -92,14 +84,10 @@ def udp_to_vsock(
 @stats_interval
 @vsock_buffer
 @metrics_option
-def vsock_to_udp(
-    vsock_addr: VsockAddress,
-    ip_addr: IpAddress,
-    vsock_buffer_size: int,
-    metrics_address: IpAddress | None,
-    **options: float,
-) -> None:
-    _start("vsock-to-udp")
-    listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
-    settings = engine.Settings(**options)
-    _run(engine.serve_vsock_to_udp(listen, ip_addr, settings), metrics_address)
+def vsock_to_udp(**options: Any) -> None:
+    run_command("vsock-to-udp", options)
+
+
+def plan_vsock_to_udp(options: Options) -> VsockToUdpPlan:
+    listen = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    return VsockToUdpPlan(listen, options["ip_addr"], _settings(options))

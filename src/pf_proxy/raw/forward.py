@@ -30,7 +30,7 @@ from pf_proxy.raw.links import connect_with_backoff, open_with_backoff
 from pf_proxy.raw.nfq import NfQueue
 from pf_proxy.raw.policy import Drop, DropCounters
 from pf_proxy.raw.rawsock import SEND_BATCH, PacketRejected, RawSender
-from pf_proxy.runtime import draining, ready, stop_event
+from pf_proxy.runtime import Ready, Stop
 
 log = logging.getLogger("pf_proxy")
 
@@ -102,8 +102,11 @@ class _Forwarder:
 class QueueToVsock(_Forwarder):
     """nfqueue `queue_num` -> vsock `endpoint`, verdict DROP for everything read."""
 
-    def __init__(self, queue_num: int, endpoint: VsockEndpoint) -> None:
+    def __init__(
+        self, queue_num: int, endpoint: VsockEndpoint, ready: Ready = lambda: None
+    ) -> None:
         super().__init__()
+        self.ready = ready  # called once the queue is open
         self.queue_num = queue_num
         self.endpoint = endpoint
         self._queue: NfQueue | None = None
@@ -121,7 +124,7 @@ class QueueToVsock(_Forwarder):
                     )
                     log.info("Listening on: nfqueue %d", self.queue_num)
                     if not announced:
-                        ready()
+                        self.ready()
                         announced = True
                 if self._link is None:
                     self._link = await connect_with_backoff(self.endpoint)
@@ -262,8 +265,10 @@ class VsockToDevice(_Forwarder):
         listen: Endpoint,
         device: str,
         check: Callable[[memoryview], Drop | None],
+        ready: Ready = lambda: None,
     ) -> None:
         super().__init__()
+        self.ready = ready  # called once the listener listens
         self.listen = listen
         self.device = device
         self.check = check
@@ -279,7 +284,7 @@ class VsockToDevice(_Forwarder):
                 f"listener on {self.listen}", self.listen.listen
             )
             log.info("Listening on: %s", self.listen)
-            ready()
+            self.ready()
             self.loop.add_reader(self._listener.fileno(), self._on_acceptable)
             while True:
                 await self._wait_for_trouble()  # the raw socket broke: reopen it
@@ -546,11 +551,14 @@ class _Stream:
 
 
 async def serve(
-    forwarder: QueueToVsock | VsockToDevice, name: str, stats_interval: float, drain_timeout: float
+    forwarder: QueueToVsock | VsockToDevice,
+    name: str,
+    stats_interval: float,
+    drain_timeout: float,
+    stop: Stop,
 ) -> int:
-    """Run `forwarder` until SIGTERM/SIGINT; log its counters periodically and at the end."""
+    """Run `forwarder` until `stop`; log its counters periodically and at the end."""
     loop = asyncio.get_running_loop()
-    stop = stop_event()
     task = loop.create_task(forwarder.run())
     reporter = loop.create_task(_report_periodically(forwarder.stats, name, stats_interval))
     stopper = loop.create_task(stop.wait())
@@ -562,7 +570,7 @@ async def serve(
         log.error("%s stopped unexpectedly: %r", name, exc)
     else:
         log.info("Shutting down")
-        draining("SIGTERM or SIGINT received: sending the packets in hand, then stopping")
+        stop.draining("sending the packets in hand, then stopping")
         forwarder.stopping = True
         try:
             await asyncio.wait_for(forwarder.idle.wait(), drain_timeout)

@@ -9,10 +9,12 @@ scrape time).
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from typing import TYPE_CHECKING
 
 from pf_proxy.metrics import Source
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 from pf_proxy.raw.forward import QueueToVsock, VsockToDevice
 from pf_proxy.raw.nfq import kernel_queue_stats
 
@@ -21,6 +23,11 @@ def source(forwarder: QueueToVsock | VsockToDevice) -> Source:
     """A metrics source for `forwarder` (see :func:`pf_proxy.metrics.register`)."""
 
     def collect() -> Iterable[Metric]:
+        from prometheus_client.metrics_core import (  # only when scraped
+            CounterMetricFamily,
+            GaugeMetricFamily,
+        )
+
         stats = forwarder.stats
         yield CounterMetricFamily(
             "pf_proxy_raw_forwarded_packets", "Packets forwarded.", value=stats.packets
@@ -59,6 +66,8 @@ def _kernel_queue(queue_num: int) -> Iterable[Metric]:
     stats = kernel_queue_stats(queue_num)
     if stats is None:
         return
+    from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
     yield GaugeMetricFamily(
         "pf_proxy_nfqueue_waiting_packets",
         "Packets in the kernel's nfqueue waiting to be read (/proc/net/netfilter/nfnetlink_queue).",

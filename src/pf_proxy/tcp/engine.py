@@ -22,7 +22,6 @@ overload is logged once, and once more when the listener has caught up.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import errno
 import functools
 import inspect
@@ -32,9 +31,9 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from pf_proxy import metrics, runtime, workers
-from pf_proxy.endpoints import BindError, ConnectError, Endpoint, IpAddress, close_abortively
-from pf_proxy.runtime import connection_limit, draining, open_file_limit, ready
+from pf_proxy import metrics
+from pf_proxy.endpoints import ConnectError, Endpoint, close_abortively
+from pf_proxy.runtime import Ready, Stop, connection_limit, open_file_limit
 from pf_proxy.tcp import metrics as tcp_metrics
 from pf_proxy.tcp.dstheader import HeaderError
 from pf_proxy.tcp.metrics import (
@@ -52,7 +51,7 @@ from pf_proxy.tcp.metrics import (
     TcpStats,
 )
 from pf_proxy.tcp.origdst import OriginalDestinationError
-from pf_proxy.tcp.relay import Relay, poller
+from pf_proxy.tcp.relay import Relay, poller, release_poller
 from pf_proxy.tcp.routes import DeniedDestination, Route, Upstream
 
 log = logging.getLogger("pf_proxy")
@@ -455,20 +454,20 @@ def _route_outcome(exc: BaseException) -> str:
 
 
 async def serve(
-    listen: Endpoint, route: Route, settings: Settings, sock: socket.socket | None = None
+    listen: Endpoint,
+    route: Route,
+    settings: Settings,
+    sock: socket.socket,
+    stop: Stop,
+    ready: Ready,
 ) -> int:
-    """Listen on `listen` (on `sock`, if it listens there already) and route every connection
-    until SIGTERM/SIGINT; return the exit code."""
-    if sock is None:
-        try:
-            sock = listen.listen(settings.backlog)
-        except BindError as exc:
-            log.error("%s", exc)
-            return 1
+    """Accept on `sock` (listening on `listen`) and route every connection until `stop`; then
+    drain. Returns the exit code."""
+    loop = asyncio.get_running_loop()
     open_files = open_file_limit()
     limit = connection_limit(open_files, FDS_PER_CONNECTION)
     listener = Listener(sock, str(listen), route, settings, limit)
-    metrics.register(
+    unregister = metrics.register(
         tcp_metrics.source(
             listener.stats, lambda: len(listener.connections), lambda: listener.overloaded
         )
@@ -478,68 +477,33 @@ async def serve(
         listener.max_connections,
         open_files,
     )
-    stop = runtime.stop_event()
     listener.start()
     log.info("Listening on: %s", listen)
     ready()
-    await stop.wait()
-    log.info("Shutting down: no longer accepting on %s", listen)
-    draining(f"SIGTERM or SIGINT received: draining {len(listener.connections)} connections")
-    await listener.close(settings.drain_timeout)
+    try:
+        await stop.wait()
+        log.info("Shutting down: no longer accepting on %s", listen)
+        stop.draining(f"draining {len(listener.connections)} connections")
+        await listener.close(settings.drain_timeout)
+    finally:
+        unregister()
+        release_poller(loop)
     return 0
 
 
-def serve_in_workers(
-    listen: Endpoint,
-    make_route: Callable[[], Route],
-    settings: Settings,
-    metrics_address: IpAddress | None,
-    count: int,
-) -> int:
-    """`serve` in `count` processes (:mod:`pf_proxy.workers`), each with a route of its own
-    and, with `metrics_address`, /metrics on that port plus its number less one; return the
-    exit code. Every address is bound here, before the workers start: a port in use is exit
-    1 at once."""
-    bound: list[socket.socket] = []
-    metrics_at: list[tuple[IpAddress | None, socket.socket | None]] = [(None, None)] * count
-    try:
-        listening = listen.listen_shared(settings.backlog, count)
-        bound += listening
-        if metrics_address is not None:
-            for index in range(count):
-                address = worker_metrics_address(metrics_address, index)
-                metrics_socket = metrics.bind(address)
-                bound.append(metrics_socket)
-                metrics_at[index] = (address, metrics_socket)
-    except (BindError, ValueError) as exc:
-        log.error("%s", exc)
-        for sock in bound:
-            sock.close()
-        return 1
-    log.info("Serving %s with %d worker processes", listen, count)
+@dataclass
+class Plan:
+    """A TCP proxy to run (see :mod:`pf_proxy.runner`): a listener and a route."""
 
-    def work(number: int) -> int:
-        index = number - 1
-        address, metrics_socket = metrics_at[index]
-        for sock in bound:  # the other workers' sockets are theirs
-            if sock is not listening[index] and sock is not metrics_socket:
-                sock.close()
+    listen: Endpoint
+    make_route: Callable[[], Route]  # called in each process that serves (a worker's own)
+    settings: Settings
 
-        async def main() -> int:
-            return await serve(listen, make_route(), settings, listening[index])
+    def bind(self, count: int) -> list[socket.socket]:
+        if count > 1:
+            return self.listen.listen_shared(self.settings.backlog, count)
+        return [self.listen.listen(self.settings.backlog)]
 
-        return runtime.run(main(), address, metrics_socket)
-
-    def stop_listening() -> None:
-        for sock in bound:
-            sock.close()
-
-    return workers.Supervisor(count, work, stop_listening).run()
-
-
-def worker_metrics_address(first: IpAddress, index: int) -> IpAddress:
-    """Worker `index` (from 0) serves /metrics on the port `index` above `first`'s."""
-    port = first.port + index
-    if port > 0xFFFF:
-        raise ValueError(f"--metrics {first}: worker {index + 1} would need port {port}")
-    return dataclasses.replace(first, port=port)
+    async def serve(self, sock: socket.socket | None, stop: Stop, ready: Ready) -> int:
+        assert sock is not None, "a TCP proxy's listener is bound before it serves"
+        return await serve(self.listen, self.make_route(), self.settings, sock, stop, ready)

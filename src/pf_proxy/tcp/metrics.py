@@ -11,15 +11,12 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from typing import TYPE_CHECKING
 
 from pf_proxy.metrics import Source
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 # How a connection ended: the `outcome` label's values.
 COMPLETED = "completed"  # both directions reached EOF
@@ -76,6 +73,12 @@ def source(
     """A metrics source for one listener's `stats` (see :func:`pf_proxy.metrics.register`)."""
 
     def collect() -> Iterable[Metric]:
+        from prometheus_client.metrics_core import (  # only when scraped
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         yield CounterMetricFamily(
             "pf_proxy_tcp_connections_accepted", "Connections accepted.", value=stats.accepted
         )

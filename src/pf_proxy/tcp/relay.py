@@ -47,6 +47,7 @@ import socket
 import weakref
 from collections.abc import Callable
 
+from pf_proxy.current import proxy_name
 from pf_proxy.endpoints import close_abortively, peer_close_is_eof
 from pf_proxy.runtime import info
 
@@ -95,6 +96,10 @@ class Poller:
         loop.add_reader(self.epoll.fileno(), self._dispatch)
         weakref.finalize(loop, self.epoll.close)
 
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_reader(self.epoll.fileno())
+        self.epoll.close()
+
     def watch(self, fd: int, handler: Callable[[int], None]) -> None:
         self.epoll.register(fd, _WATCHED)  # first: if it fails, no handler is left behind
         self.handlers[fd] = handler
@@ -114,15 +119,32 @@ class Poller:
                 handler(events)
 
 
-_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = weakref.WeakKeyDictionary()
+_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str | None, Poller]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def poller(loop: asyncio.AbstractEventLoop) -> Poller:
-    """The loop's Poller, made on first use."""
-    found = _pollers.get(loop)
+    """The Poller of the proxy served here (:mod:`pf_proxy.current`) on `loop`, made on first
+    use. One per proxy, not one per loop: the loop runs a Poller's handlers in the context it
+    was made in, so each proxy's connections log under its own name."""
+    name = proxy_name()
+    by_proxy = _pollers.get(loop)
+    if by_proxy is None:
+        by_proxy = _pollers[loop] = {}
+    found = by_proxy.get(name)
     if found is None:
-        found = _pollers[loop] = Poller(loop)
+        found = by_proxy[name] = Poller(loop)
     return found
+
+
+def release_poller(loop: asyncio.AbstractEventLoop) -> None:
+    """The proxy served here has stopped: close its Poller if nothing is watched any more."""
+    by_proxy = _pollers.get(loop, {})
+    found = by_proxy.get(proxy_name())
+    if found is not None and not found.handlers:
+        del by_proxy[proxy_name()]
+        found.close(loop)
 
 
 class _Pump:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pf_proxy import metrics
-from pf_proxy.endpoints import BindError, IpAddress, VsockEndpoint
-from pf_proxy.runtime import connection_limit, draining, open_file_limit, ready, stop_event
+from pf_proxy.endpoints import IpAddress, VsockEndpoint
+from pf_proxy.runtime import Ready, Stop, connection_limit, open_file_limit
 from pf_proxy.udp import metrics as udp_metrics
 from pf_proxy.udp.flows import (
     DATAGRAM_SPACE,
@@ -256,12 +256,16 @@ class VsockToUdp:
 
 
 async def _serve(
-    plane: UdpToVsock | VsockToUdp, table: FlowTable, target: str, settings: Settings
+    plane: UdpToVsock | VsockToUdp,
+    table: FlowTable,
+    target: str,
+    settings: Settings,
+    stop: Stop,
+    ready: Ready,
 ) -> int:
-    """Serve until SIGTERM or SIGINT; drain; log the counters; return the exit code 0."""
+    """Serve until `stop`; drain; log the counters; return the exit code 0."""
     loop = asyncio.get_running_loop()
-    stop = stop_event()
-    metrics.register(udp_metrics.source(table))
+    unregister = metrics.register(udp_metrics.source(table))
     plane.start()
     log.info("Listening on: %s", plane.name)
     log.info("Proxying to: %s", target)
@@ -270,13 +274,14 @@ async def _serve(
     try:
         await stop.wait()
         log.info("Shutting down: no new flows on %s", plane.name)
-        draining(f"SIGTERM or SIGINT received: draining {len(table)} flows")
+        stop.draining(f"draining {len(table)} flows")
         plane.stop_accepting()
         await table.drain(settings.drain_timeout)
     finally:
         reporter.cancel()
         table.close_all()
         plane.close()
+        unregister()
     if isinstance(plane, UdpToVsock) and plane.refused_while_draining:
         log.info(
             "%d datagrams from new clients were not answered during the drain",
@@ -290,30 +295,70 @@ def _log_limit(limit: int, open_files: int) -> None:
     log.info("Serving up to %d flows at once (open file limit %d)", limit, open_files)
 
 
-async def serve_udp_to_vsock(listen: IpAddress, upstream: VsockEndpoint, settings: Settings) -> int:
-    """udp-to-vsock: return the exit code (1 if the listener cannot be opened)."""
-    try:
-        sock = bind_udp(listen)
-    except BindError as exc:
-        log.error("%s", exc)
-        return 1
+async def serve_udp_to_vsock(
+    sock: socket.socket,
+    listen: IpAddress,
+    upstream: VsockEndpoint,
+    settings: Settings,
+    stop: Stop,
+    ready: Ready,
+) -> int:
+    """udp-to-vsock on `sock` (bound to `listen`, see `sockets.bind_udp`): the exit code."""
     limit, open_files = _flow_limit(FDS_PER_CLIENT_FLOW)
     _log_limit(limit, open_files)
     table = FlowTable(limit, settings.idle_timeout, str(upstream), "udp-to-vsock")
     plane = UdpToVsock(sock, f"udp {listen}", upstream, table, settings.connect_timeout)
-    return await _serve(plane, table, str(upstream), settings)
+    return await _serve(plane, table, str(upstream), settings, stop, ready)
 
 
-async def serve_vsock_to_udp(listen: VsockEndpoint, upstream: IpAddress, settings: Settings) -> int:
-    """vsock-to-udp: return the exit code (1 if the listener cannot be opened)."""
-    try:
-        sock = listen.listen()
-    except BindError as exc:
-        log.error("%s", exc)
-        return 1
+async def serve_vsock_to_udp(
+    sock: socket.socket,
+    listen: VsockEndpoint,
+    upstream: IpAddress,
+    settings: Settings,
+    stop: Stop,
+    ready: Ready,
+) -> int:
+    """vsock-to-udp on `sock` (listening on `listen`): the exit code."""
     limit, open_files = _flow_limit(FDS_PER_UPSTREAM_FLOW)
     _log_limit(limit, open_files)
     table = FlowTable(limit, settings.idle_timeout, "the vsock stream", "vsock-to-udp")
     target = UdpTarget(upstream)
     plane = VsockToUdp(sock, str(listen), target, table, settings.connect_timeout)
-    return await _serve(plane, table, f"udp {upstream}", settings)
+    return await _serve(plane, table, f"udp {upstream}", settings, stop, ready)
+
+
+@dataclass
+class UdpToVsockPlan:
+    """udp-to-vsock to run (see :mod:`pf_proxy.runner`)."""
+
+    listen: IpAddress
+    upstream: VsockEndpoint
+    settings: Settings
+
+    def bind(self, count: int) -> list[socket.socket]:
+        return [bind_udp(self.listen)]
+
+    async def serve(self, sock: socket.socket | None, stop: Stop, ready: Ready) -> int:
+        assert sock is not None
+        return await serve_udp_to_vsock(
+            sock, self.listen, self.upstream, self.settings, stop, ready
+        )
+
+
+@dataclass
+class VsockToUdpPlan:
+    """vsock-to-udp to run (see :mod:`pf_proxy.runner`)."""
+
+    listen: VsockEndpoint
+    upstream: IpAddress
+    settings: Settings
+
+    def bind(self, count: int) -> list[socket.socket]:
+        return [self.listen.listen()]
+
+    async def serve(self, sock: socket.socket | None, stop: Stop, ready: Ready) -> int:
+        assert sock is not None
+        return await serve_vsock_to_udp(
+            sock, self.listen, self.upstream, self.settings, stop, ready
+        )

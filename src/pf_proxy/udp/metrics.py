@@ -4,10 +4,12 @@ when somebody scrapes (nothing is done per datagram but adding to an integer).""
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from typing import TYPE_CHECKING
 
 from pf_proxy.metrics import Source
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 from pf_proxy.udp.flows import CLOSE_REASONS, FlowTable
 
 
@@ -15,6 +17,11 @@ def source(table: FlowTable) -> Source:
     """A metrics source for `table` (see :func:`pf_proxy.metrics.register`)."""
 
     def collect() -> Iterable[Metric]:
+        from prometheus_client.metrics_core import (  # only when scraped
+            CounterMetricFamily,
+            GaugeMetricFamily,
+        )
+
         counters = table.counters
         yield CounterMetricFamily(
             "pf_proxy_udp_flows_opened", "Flows opened (a flow: one client, one vsock stream).",
