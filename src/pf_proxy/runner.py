@@ -365,8 +365,11 @@ class Reloader:
         changes = diff(old, new)
         log.info(
             "Reload: %d added, %d removed, %d changed, %d unchanged",
-            len(changes.added), len(changes.removed), len(changes.changed), len(changes.unchanged),
-        )  # fmt: skip
+            len(changes.added),
+            len(changes.removed),
+            len(changes.changed),
+            len(changes.unchanged),
+        )
         for name in changes.removed:
             self._stop(running[name], "removed")
         for name in changes.changed + changes.added:
