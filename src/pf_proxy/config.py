@@ -159,10 +159,14 @@ def _toml_name(value: Any) -> str:
 
 
 def convert_options(
-    kind: str, values: Mapping[str, Any], where: Callable[[str], int | None], prefix: str
+    kind: str,
+    values: Mapping[str, Any],
+    where: Callable[[str], int | None],
+    shown: Callable[[str], str],
 ) -> tuple[dict[str, Any], list[ConfigError]]:
     """A proxy's options from its table's `values` (file keys), through its command's own
-    types: every option, given or defaulted, by parameter name; and what was wrong."""
+    types: every option, given or defaulted, by parameter name; and what was wrong (`where`
+    a key is, and how to name it, say the caller)."""
     command = KINDS[kind].command()
     keys = option_keys(command)
     context = click.Context(command)
@@ -176,7 +180,7 @@ def convert_options(
             known = ", ".join(sorted(keys))
             errors.append(
                 ConfigError(
-                    where(key), f"{prefix}{key}", f"not an option of {kind} (its options: {known})"
+                    where(key), shown(key), f"not an option of {kind} (its options: {known})"
                 )
             )
             continue
@@ -191,13 +195,13 @@ def convert_options(
             except click.UsageError as exc:
                 problem = exc.message
         if problem is not None:
-            errors.append(ConfigError(where(key), f"{prefix}{key}", problem))
+            errors.append(ConfigError(where(key), shown(key), problem))
     for key, param in keys.items():
         name = param.name or key
         if name in options or key in values:
             continue
         if param.required:
-            errors.append(ConfigError(where(""), f"{prefix}{key}", f"missing: {kind} needs it"))
+            errors.append(ConfigError(where(""), shown(key), f"missing: {kind} needs it"))
             continue
         default = param.get_default(context)
         options[name] = param.process_value(context, default)
@@ -254,6 +258,7 @@ def parse(text: str, path: str, side: str | None = None) -> RunFile:
     metrics = _metrics(data, lines, errors)
     specs: list[Spec] = []
     rules: list[str] = []
+    listen_lines: dict[str, int | None] = {}  # a described proxy's listener: where it comes from
     proxies = data.get("proxy", {})
     if not isinstance(proxies, dict):
         errors.append(ConfigError(lines.line("proxy"), "proxy", "must be a table of proxies"))
@@ -269,11 +274,13 @@ def parse(text: str, path: str, side: str | None = None) -> RunFile:
         errors += expanded.errors
         for generated in expanded.proxies:
             options, problems = convert_options(
-                generated.kind, generated.values, generated.line, f"{generated.origin}: "
+                generated.kind, generated.values, generated.line, generated.shown
             )
             errors += problems
             if not problems:
                 specs.append(Spec(generated.name, generated.kind, options))
+                listen_option = option_key(generated.kind, KINDS[generated.kind].listen_option)
+                listen_lines[generated.name] = generated.line(listen_option)
         rules = expanded.rules
     for spec in specs:
         given = spec.options.get("metrics_address")
@@ -288,7 +295,7 @@ def parse(text: str, path: str, side: str | None = None) -> RunFile:
             )
         elif given is not None:
             metrics = given
-    errors += _collisions(specs, metrics, lines)
+    errors += _collisions(specs, metrics, lines, listen_lines)
     if not specs and not errors:
         for_side = f" for the {side} side" if side else ""
         errors.append(
@@ -299,6 +306,8 @@ def parse(text: str, path: str, side: str | None = None) -> RunFile:
                 "[proxy.NAME] tables, or describe the enclave's network",
             )
         )
+    # One wrong value of a description can be wrong in both proxies made from it: say it once.
+    errors = list({(error.line, error.key): error for error in reversed(errors)}.values())[::-1]
     errors.sort(key=lambda error: (error.line is None, error.line or 0))
     if errors:
         raise ConfigErrors(path, errors)
@@ -383,7 +392,7 @@ def _proxy(
             )
         )
     options, problems = convert_options(
-        kind, table, lambda key: lines.line("proxy", name, key), f"{where}."
+        kind, table, lambda key: lines.line("proxy", name, key), lambda key: f"{where}.{key}"
     )
     errors += problems
     if problems or (proxy_side is not None and side is not None and proxy_side != side):
@@ -391,7 +400,15 @@ def _proxy(
     return Spec(name, kind, options)
 
 
-def _collisions(specs: list[Spec], metrics: Any, lines: Lines) -> list[ConfigError]:
+def option_key(kind: str, name: str) -> str:
+    """The file key of `kind`'s parameter `name` (vsock_addr: vsock-addr)."""
+    keys = option_keys(KINDS[kind].command())
+    return next(key for key, param in keys.items() if param.name == name)
+
+
+def _collisions(
+    specs: list[Spec], metrics: Any, lines: Lines, listen_lines: dict[str, int | None]
+) -> list[ConfigError]:
     """Two listeners where only one can listen: the same transport and port, at the same
     address or where either is a wildcard (0.0.0.0, ::, CID -1)."""
     errors = []
@@ -407,9 +424,10 @@ def _collisions(specs: list[Spec], metrics: Any, lines: Lines) -> list[ConfigErr
             ):
                 what = "the metrics listener" if other == "(metrics)" else f"proxy {other!r}"
                 where = "metrics" if name == "(metrics)" else f"proxy.{name}"
+                line = listen_lines.get(name) or lines.line(*where.split("."))
                 errors.append(
                     ConfigError(
-                        lines.line(*where.split(".")),
+                        line,
                         where,
                         f"listens on {transport} {address}, as {what} does: only one can",
                     )

@@ -51,12 +51,23 @@ class Generated:
     name: str
     kind: str
     values: dict[str, Any]
-    origin: str  # where in the description, for errors: "ingress[0] (parent)"
+    origin: str  # where in the description, for errors: "ingress[0]"
+    side: str
     lines: Origins  # a value's key -> the description key it came from
     find: Lines
 
     def line(self, key: str) -> int | None:
         return self.find.line(*self.lines.get(key, ()))
+
+    def shown(self, key: str) -> str:
+        """The description's key a value of this proxy came from, to name it in errors."""
+        path = self.lines.get(key)
+        if path is None:
+            return f"{self.origin}: {key}"
+        named = path[0] + "".join(
+            f"[{part}]" if part.isdigit() else f".{part}" for part in path[1:]
+        )
+        return named
 
 
 @dataclass
@@ -80,7 +91,7 @@ _SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "egress": {
         "mode": ((str,), "transparent"),
         "listen": ((str,), "127.0.0.1:1200"),
-        "vsock-port": ((int,), 1200),
+        "vsock-port": ((int,), 1201),  # raw's is 1200, as the tuna images have it
         "ports": ((list,), [80, 443]),
         "allow": ((list,), []),
         "deny": ((list,), []),
@@ -154,9 +165,8 @@ def expand(data: dict[str, Any], side: str, lines: Lines) -> Expanded:
     expanded = Expanded()
     enclave = _Reader(expanded, lines, ("enclave",)).table(data.get("enclave", {}), "enclave")
     parent = _Reader(expanded, lines, ("parent",)).table(data.get("parent", {}), "parent")
-    enclave_cid, parent_cid = enclave["cid"], parent["cid"]
-    if enclave_cid is None or parent_cid is None:
-        return expanded
+    # A CID in error was said: go on with a stand-in, to find the rest of what is wrong.
+    enclave_cid, parent_cid = enclave["cid"] or 0, parent["cid"] or 0
 
     def add(
         name: str,
@@ -165,9 +175,7 @@ def expand(data: dict[str, Any], side: str, lines: Lines) -> Expanded:
         origin: str,
         from_keys: Origins,
     ) -> None:
-        expanded.proxies.append(
-            Generated(name, kind, values, f"{origin} ({side})", from_keys, lines)
-        )
+        expanded.proxies.append(Generated(name, kind, values, origin, side, from_keys, lines))
 
     enclave_rules = ["ip link set lo up"]
     parent_rules: list[str] = []
