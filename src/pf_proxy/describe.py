@@ -355,6 +355,9 @@ def expand(data: dict[str, Any], side: str, lines: Lines) -> Expanded:
                 "raw",
                 keys,
             )
+            # The enclave's ports go to the enclave: the parent's own connections (its
+            # proxies' upstreams among them) keep to 61440-65535.
+            parent_rules.append('sysctl -w net.ipv4.ip_local_port_range="61440 65535"')
             parent_rules += [
                 f"iptables -A INPUT -i {settings['interface']} -p tcp --dport {ports} "
                 f"-j NFQUEUE --queue-num {queue}"

@@ -84,7 +84,7 @@ def _prepare(
     specs: Iterable[Spec], build: BuildPlan, sockets_for: Callable[[Spec], int]
 ) -> list[_Prepared]:
     """Plans for `specs`, their listeners bound (`sockets_for`: how many sockets each);
-    PlanError or BindError after closing whatever was bound, naming the proxy."""
+    PlanError, naming the proxy, after closing whatever was bound."""
     prepared: list[_Prepared] = []
     try:
         for spec in specs:
@@ -93,7 +93,8 @@ def _prepare(
                 sockets = plan.bind(sockets_for(spec))
             except (PlanError, BindError) as exc:
                 where = f"{spec}: " if spec.name else ""
-                raise type(exc)(f"{where}{exc}") from exc
+                what = exc.strerror if isinstance(exc, BindError) and exc.strerror else exc
+                raise PlanError(f"{where}{what}") from exc
             prepared.append(_Prepared(spec, plan, sockets))
     except BaseException:
         for item in prepared:
@@ -117,7 +118,7 @@ def run(
     count = max((spec.workers for spec in specs), default=1)
     try:
         prepared = _prepare(specs, build, lambda spec: spec.workers)
-    except (PlanError, BindError) as exc:
+    except PlanError as exc:
         log.error("%s", exc)
         return 1
     if count == 1:

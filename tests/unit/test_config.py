@@ -312,7 +312,7 @@ def test_each_side_s_firewall_commands() -> None:
         'iptables -A OUTPUT -p tcp -s "$X" -m set --match-set portfilter src '
         "-m set ! --match-set internal dst -j NFQUEUE --queue-num 0"
     )
-    assert parent == [
+    assert parent == ['sysctl -w net.ipv4.ip_local_port_range="61440 65535"'] + [
         f"iptables -A INPUT -i eth0 -p tcp --dport {ports} -j NFQUEUE --queue-num 0"
         for ports in ("80", "443", "1024:61439")
     ]
