@@ -14,7 +14,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SYSTEM_PACKAGES := iptables ipset iproute2 socat iperf3 curl prometheus python3-venv \
-	qemu-system-x86 busybox-static cpio kmod dnsmasq bind9-dnsutils dnsperf openssl groff-base
+	qemu-system-x86 busybox-static cpio kmod dnsmasq bind9-dnsutils dnsperf openssl \
+	groff-base man-db
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: test test-guest demo bench bench-guest system-packages lint docs man clean
@@ -45,8 +46,8 @@ lint: $(BIN)/.installed
 # --strict: a broken link or anchor, a missing page or a page left out of the nav fails
 # (mkdocs.yml's `validation` makes each a warning). The command reference is generated from
 # the click commands while the site builds (scripts/reference.py, an mkdocs hook).
-docs: $(BIN)/.installed
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+docs: $(BIN)/.installed  # not --quiet: it hides the warnings that --strict counts
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # Built, not installed with the package: see docs/development/docs.md.
 man: $(BIN)/.installed
