@@ -35,6 +35,16 @@ BLOCKS, PROBLEMS = all_blocks()
 RUN = [block for block in BLOCKS if block.marker == "run"]
 BIN = Path(sys.executable).parent
 BLOCK_TIMEOUT = 120 * SLOWDOWN
+# What `make test` puts in the environment: a `make` in an example would then print
+# "make[1]: Entering directory ...", which a reader's terminal does not.
+_MAKE_VARIABLES = {
+    "MAKEFLAGS",
+    "MFLAGS",
+    "MAKELEVEL",
+    "MAKEOVERRIDES",
+    "MAKE_TERMOUT",
+    "MAKE_TERMERR",
+}
 
 # First words that say "this line is a command": outside a shell block, they need one.
 COMMAND_WORDS = {
@@ -138,7 +148,7 @@ def test_example_runs_as_written(block: Block, tmp_path: Path) -> None:
     script.write_text(_script(steps, background_log))
     (tmp_path / "vsock").mkdir()
     env = {
-        **os.environ,
+        **{name: value for name, value in os.environ.items() if name not in _MAKE_VARIABLES},
         "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         "TMPDIR": str(tmp_path),
         "PF_PROXY_VSOCK_DIR": str(tmp_path / "vsock"),
