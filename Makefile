@@ -1,6 +1,9 @@
-# make test        install everything (system packages when root, a virtualenv) and run the
-#                  suite: on this machine (vsock emulated), then the guest stage: the tests
-#                  marked `guest` or `vsock` in a throw-away QEMU guest with real AF_VSOCK
+# make test        install everything (system packages when root, a virtualenv), lint, build
+#                  the docs site (strict), and run the suite: on this machine (vsock
+#                  emulated), then the guest stage: the tests marked `guest` or `vsock` in a
+#                  throw-away QEMU guest with real AF_VSOCK
+# make docs        the docs site, `mkdocs build --strict`, into build/site
+# make man         a man page per command into build/man/man1 (`man -l build/man/man1/X.1`)
 # make test-guest  only the guest stage
 # make demo        install, then a short live demonstration with emulated vsock
 # make bench       install, then the benchmarks (numbers, never pass/fail)
@@ -11,16 +14,17 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SYSTEM_PACKAGES := iptables ipset iproute2 socat iperf3 curl prometheus python3-venv \
-	qemu-system-x86 busybox-static cpio kmod dnsmasq bind9-dnsutils dnsperf openssl
+	qemu-system-x86 busybox-static cpio kmod dnsmasq bind9-dnsutils dnsperf openssl \
+	groff-base man-db
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: test test-guest demo bench bench-guest system-packages lint clean
+.PHONY: test test-guest demo bench bench-guest system-packages lint docs man clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(MAKE) --no-print-directory system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,docs]'
 	touch $@
 
 system-packages:
@@ -36,10 +40,20 @@ system-packages:
 	fi
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy src
 
-test: lint
+# --strict: a broken link or anchor, a missing page or a page left out of the nav fails
+# (mkdocs.yml's `validation` makes each a warning). The command reference is generated from
+# the click commands while the site builds (scripts/reference.py, an mkdocs hook).
+docs: $(BIN)/.installed  # not --quiet: it hides the warnings that --strict counts
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# Built, not installed with the package: see docs/development/docs.md.
+man: $(BIN)/.installed
+	$(BIN)/python scripts/reference.py man build/man
+
+test: lint docs
 	$(BIN)/python -m pytest tests -ra -m "not guest"
 	@$(MAKE) --no-print-directory test-guest
 

@@ -11,7 +11,7 @@ vsock address is real AF_VSOCK or emulated:
 Unix sockets with a filesystem path are reachable across network namespaces, so emulated
 vsock links an "enclave" namespace to a "host" namespace just as vsock would.
 
-What real AF_VSOCK does, and how the emulation is made to match (see the README's table):
+What real AF_VSOCK does, and how the emulation is made to match (see docs/development/vsock.md):
 
 - vsock has no reset. However a peer closes, its reader gets the bytes sent and then EOF;
   the next send fails with EPIPE. A Unix socket reports ECONNRESET to its reader when the
