@@ -17,6 +17,8 @@ from typing import Any
 import click
 import pytest
 
+from pf_proxy import config
+from pf_proxy.runner import Spec
 from pf_proxy.tcp.access import AccessPolicy, parse_cidr
 from tests.integration.helpers import console_scripts
 
@@ -29,11 +31,12 @@ RAW_CAPABILITIES = {"CAP_NET_ADMIN", "CAP_NET_RAW"}
 def commands() -> dict[str, click.Command]:
     """The project's console scripts, loaded."""
     found = console_scripts()
-    assert len(found) == 11, sorted(found)
+    assert {"vsock-to-ip", "udp-to-vsock", "pf-proxy"} <= set(found), sorted(found)
     return found
 
 
 COMMANDS = commands()
+RUN_FILES = sorted((CONTRIB / "pf-proxy").glob("*.toml"))
 
 
 def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -68,6 +71,34 @@ def parse_command_line(line: str) -> tuple[str, click.Context]:
     return name, COMMANDS[name].make_context(name, args)
 
 
+def run_file_specs(line: str) -> list[Spec]:
+    """`pf-proxy run FILE --side S`: the proxies of that side of FILE, taken from contrib/."""
+    program, subcommand, *args = shlex.split(line)
+    group = COMMANDS[program.removeprefix(INSTALLED_BIN)]
+    assert isinstance(group, click.Group) and subcommand == "run", line
+    params = group.commands["run"].make_context("run", args).params
+    path = Path(params["file"])
+    assert path.parent == Path("/etc/pf-proxy"), path
+    return config.load(CONTRIB / "pf-proxy" / path.name, params["side"]).specs
+
+
+def listening_ports(line: str) -> tuple[str, list[int | None], float]:
+    """What a unit's or program's command runs: (the command, the TCP or UDP port of each
+    proxy it serves, the longest drain timeout)."""
+    name, ctx = parse_command_line(line)
+    if name != "pf-proxy":
+        return name, [listening_port(name, ctx.params)], ctx.params["drain_timeout"]
+    specs = run_file_specs(line)
+    drain = max(spec.options["drain_timeout"] for spec in specs)
+    return name, [listening_port(spec.kind, spec.options) for spec in specs], drain
+
+
+def raw_kinds(line: str) -> bool:
+    name, _ = parse_command_line(line)
+    kinds = [spec.kind for spec in run_file_specs(line)] if name == "pf-proxy" else [name]
+    return any("-raw-" in kind for kind in kinds)
+
+
 def listening_port(name: str, params: dict[str, Any]) -> int | None:
     """The TCP or UDP port a command listens on (None when it listens on vsock or nfqueue)."""
     if name in (
@@ -92,28 +123,45 @@ def test_one_unit_per_command() -> None:
 def test_unit_starts_its_command_with_valid_flags(unit: Path) -> None:
     service = parse_unit(unit)["Service"]
     (exec_start,) = service["ExecStart"]
-    name, ctx = parse_command_line(exec_start)
+    name, _, drain_timeout = listening_ports(exec_start)
     assert runs(unit.stem, name)
     assert service["Type"] == ["notify"]  # every command sends READY=1 once listening
     assert service["Restart"] == ["always"]
     assert service["NoNewPrivileges"] == ["yes"]
     # systemd's stop timeout must outlast the proxy's own drain
-    assert float(service["TimeoutStopSec"][0]) > ctx.params["drain_timeout"]
+    assert float(service["TimeoutStopSec"][0]) > drain_timeout
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda unit: unit.stem)
 def test_unit_capabilities_are_only_those_needed(unit: Path) -> None:
     service = parse_unit(unit)["Service"]
-    name, ctx = parse_command_line(service["ExecStart"][0])
+    exec_start = service["ExecStart"][0]
     bounding = set(" ".join(service["CapabilityBoundingSet"]).split())
     ambient = set(" ".join(service["AmbientCapabilities"]).split())
-    if "-raw-" in name:
-        expected = RAW_CAPABILITIES
-    else:
-        port = listening_port(name, ctx.params)
-        expected = {"CAP_NET_BIND_SERVICE"} if port is not None and port < 1024 else set()
+    expected = set(RAW_CAPABILITIES) if raw_kinds(exec_start) else set()
+    _, ports, _ = listening_ports(exec_start)
+    if any(port is not None and port < 1024 for port in ports):
+        expected.add("CAP_NET_BIND_SERVICE")
     assert bounding == expected
     assert ambient == expected
+
+
+def test_the_run_file_unit_checks_its_file_and_reloads_with_sighup() -> None:
+    service = parse_unit(CONTRIB / "systemd" / "pf-proxy.service")["Service"]
+    (check,) = service["ExecStartPre"]
+    assert check == service["ExecStart"][0].replace(" run ", " check ")
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
+@pytest.mark.parametrize("path", RUN_FILES, ids=lambda path: path.name)
+def test_example_run_files_pass_pf_proxy_check(path: Path) -> None:
+    """Each example as a user would check it: with each side, if it describes both."""
+    sides = ["enclave", "parent"] if "[enclave]" in path.read_text() else [None]
+    for side in sides:
+        args = ["pf-proxy", "check", str(path)] + (["--side", side] if side else [])
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1].endswith(" no errors"), done.stdout
 
 
 def test_transparent_unit_denies_the_metadata_service() -> None:
@@ -176,11 +224,11 @@ def test_supervisord_runs_every_command_with_valid_flags() -> None:
     programs = supervisord_programs()
     assert set(COMMANDS) <= set(programs)
     for program, section in programs.items():
-        name, ctx = parse_command_line(section["command"])
+        name, _, drain_timeout = listening_ports(section["command"])
         assert runs(program, name)
         assert section["autorestart"] == "true"
         assert section["stopsignal"] == "TERM"
-        assert float(section["stopwaitsecs"]) > ctx.params["drain_timeout"]
+        assert float(section["stopwaitsecs"]) > drain_timeout
 
 
 def test_supervisord_transparent_host_side_denies_private_ranges() -> None:
