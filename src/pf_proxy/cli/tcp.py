@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from pf_proxy import metrics, runtime
 from pf_proxy.cli.options import (
     CID,
-    CIDR,
     HOST_PATTERN,
     IP_LISTEN_ADDRESS,
     IP_TARGET_ADDRESS,
+    NETWORK_RULE,
     VSOCK_ADDRESS,
     command,
     metrics_option,
@@ -31,9 +31,11 @@ from pf_proxy.endpoints import (
     vsock_endpoint,
 )
 from pf_proxy.tcp import engine, routes
-from pf_proxy.tcp.access import AccessPolicy, HostPattern, IpNetwork, ResolveError
+from pf_proxy.tcp.access import AccessPolicy, HostPattern, NetworkRule, ResolveError
 
 log = logging.getLogger("pf_proxy")
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 VSOCK_LISTEN = click.option(
     "-v",
@@ -129,9 +131,61 @@ def ip_to_vsock(
     )
 
 
+def policy_options(func: F) -> F:
+    """--allow, --deny, --deny-private and --allow-host: the egress policy (tcp/access.py)."""
+    options = [
+        click.option(
+            "--allow",
+            multiple=True,
+            type=NETWORK_RULE,
+            metavar="CIDR[:PORT]",
+            help="Connect only to destinations in this network, on this port if one is given "
+            "(10.0.0.0/8, 10.0.0.0/8:443, [2001:db8::/32]:443: an IPv6 network takes a port "
+            "only in brackets). Repeatable; with any --allow, everything else is denied. "
+            "Default: every destination is allowed.",
+        ),
+        click.option(
+            "--deny",
+            multiple=True,
+            type=NETWORK_RULE,
+            metavar="CIDR[:PORT]",
+            help="Never connect to destinations in this network, on this port if one is given "
+            "(same forms as --allow; repeatable; deny wins over --allow), e.g. 169.254.0.0/16 "
+            "for the instance metadata service. It also denies the IPv6 forms that embed a "
+            "denied IPv4 address (IPv4-mapped and -compatible, NAT64, 6to4, Teredo ...).",
+        ),
+        click.option(
+            "--deny-private",
+            is_flag=True,
+            help="Deny what an enclave should never reach by accident: loopback, RFC 1918, "
+            "link-local (the instance metadata service), CGNAT, multicast, reserved and "
+            "documentation ranges, IPv6 ULA, link-local and loopback, and every IPv6 form "
+            "of the IPv4 ones (IPv4-mapped, IPv4-compatible, IPv4-translated, NAT64 "
+            "64:ff9b::/96 and 64:ff9b:1::/48, 6to4 2002::/16, Teredo 2001::/32).",
+        ),
+        click.option(
+            "--allow-host",
+            "allow_hosts",
+            multiple=True,
+            type=HOST_PATTERN,
+            metavar="PATTERN[:PORT]",
+            help="Allow a destination by name: this name (api.example.com) or any below it "
+            "(*.example.com), on this port if one is given (api.example.com:443), else on "
+            "every port. Repeatable; with any, everything not allowed is denied.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @command(
     "Transparent proxy from vsock to IP: each vsock stream starts with the destination "
-    "header written by ip-to-vsock-transparent; connect there and relay."
+    "header written by ip-to-vsock-transparent; connect there and relay. With --allow-host, "
+    "a stream is allowed by its TLS server_name (SNI) or HTTP Host when the destination is "
+    "an address the name resolves to on this host; its first bytes are read for the name (up "
+    "to 16 KiB, within half the connect timeout) and sent on first. The decision is taken "
+    "once per connection (docs/security-egress-policy.md)."
 )
 @click.option(
     "-v",
@@ -141,50 +195,15 @@ def ip_to_vsock(
     help="vsock address of the listener, open to the transparent proxy sender "
     "<cid:port>, e.g. 3:1200",
 )
-@click.option(
-    "--allow",
-    multiple=True,
-    type=CIDR,
-    metavar="CIDR",
-    help="Connect only to destinations in this network (repeatable; with any --allow, "
-    "everything else is denied). Default: every destination is allowed.",
-)
-@click.option(
-    "--deny",
-    multiple=True,
-    type=CIDR,
-    metavar="CIDR",
-    help="Never connect to destinations in this network (repeatable; deny wins over "
-    "--allow), e.g. 169.254.0.0/16 for the instance metadata service.",
-)
-@click.option(
-    "--deny-private",
-    is_flag=True,
-    help="Deny what an enclave should never reach by accident: loopback, RFC 1918, "
-    "link-local (the instance metadata service), CGNAT, multicast, reserved and "
-    "documentation ranges, IPv6 ULA, link-local and loopback, and the IPv4-mapped and "
-    "NAT64 forms of the IPv4 ones.",
-)
-@click.option(
-    "--allow-host",
-    "allow_hosts",
-    multiple=True,
-    type=HOST_PATTERN,
-    metavar="PATTERN",
-    help="Allow a stream whose TLS server_name (SNI) or HTTP Host is this name "
-    "(api.example.com) or below it (*.example.com), when its destination is an address "
-    "the name resolves to on this host (repeatable; with any, everything not allowed is "
-    "denied). The stream's first bytes are read (up to 16 KiB, within half the connect "
-    "timeout) and sent on first.",
-)
+@policy_options
 @timeouts
 @vsock_buffer
 @metrics_option
 @workers_option
 def vsock_to_ip_transparent(
     vsock_addr: VsockAddress,
-    allow: tuple[IpNetwork, ...],
-    deny: tuple[IpNetwork, ...],
+    allow: tuple[NetworkRule, ...],
+    deny: tuple[NetworkRule, ...],
     deny_private: bool,
     allow_hosts: tuple[HostPattern, ...],
     vsock_buffer_size: int,

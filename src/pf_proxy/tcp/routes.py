@@ -83,7 +83,7 @@ def from_destination_header(
             destination, first_bytes = await read_destination_header_and_more(inbound)
         else:
             destination, first_bytes = await read_destination_header(inbound), b""
-        verdict = policy.judge_address(destination.address)
+        verdict = policy.judge_address(destination.address, destination.port)
         if verdict is None:
             assert lookup is not None, "a policy with --allow-host needs a lookup"
             try:
@@ -96,7 +96,9 @@ def from_destination_header(
                     f"no complete TLS ClientHello or HTTP request head within {name_timeout:g} s",
                 )
             else:  # the lookup is bounded by the resolver's own timeout
-                verdict = await policy.judge_name(destination.address, found, lookup)
+                verdict = await policy.judge_name(
+                    destination.address, destination.port, found, lookup
+                )
         if not verdict.allowed:
             raise DeniedDestination(verdict.describe(destination))
         if verdict.name is not None:
