@@ -147,6 +147,39 @@ def test_ipv4_mapped_destination_cannot_bypass_a_deny(
         assert_allowed(vsock_dir, echo, "::ffff:127.0.0.1")
 
 
+def test_rules_with_a_port(
+    vsock_dir: Path, tmp_path: Path, targets: dict[str, Target], echo: EchoServer
+) -> None:
+    """--deny NETWORK:PORT and [IPV6-NETWORK]:PORT deny that port only."""
+    t2, t6 = targets["127.0.0.2"], targets["::1"]
+    flags = ("--deny", f"127.0.0.0/8:{t2.port}", "--deny", f"[::1]:{t6.port}")
+    for proxy in transparent(vsock_dir, tmp_path, *flags):
+        assert (
+            f"Destinations: denied: 127.0.0.0/8:{t2.port}, [::1/128]:{t6.port}; everything "
+            "else allowed" in proxy.stdout
+        )
+        assert_denied(proxy, vsock_dir, t2, "127.0.0.2", f"--deny 127.0.0.0/8:{t2.port}")
+        assert_denied(proxy, vsock_dir, t6, "::1", f"--deny [::1/128]:{t6.port}")
+        assert_allowed(vsock_dir, echo)  # 127.0.0.1, on the echo server's port
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::ffff:0:127.0.0.3",  # IPv4-translated
+        "64:ff9b::127.0.0.3",  # NAT64
+        "2002:7f00:3::1",  # 6to4
+        "2001:0:4136:e378:8000:63bf:80ff:fffc",  # Teredo, client 127.0.0.3 (bits inverted)
+    ],
+)
+def test_ipv6_forms_of_a_denied_address_are_denied(
+    address: str, vsock_dir: Path, tmp_path: Path, targets: dict[str, Target]
+) -> None:
+    """An explicit --deny covers every IPv6 form that embeds an address it denies."""
+    for proxy in transparent(vsock_dir, tmp_path, "--deny", "127.0.0.3/32"):
+        assert_denied(proxy, vsock_dir, targets["127.0.0.3"], address, "--deny 127.0.0.3/32: ")
+
+
 def test_allow_denies_everything_else(
     vsock_dir: Path, tmp_path: Path, targets: dict[str, Target], echo: EchoServer
 ) -> None:
@@ -195,6 +228,10 @@ def test_default_allows_everything(
         ("--allow", "10.0.0/8"),
         ("--allow", "2001:db8::1/32"),
         ("--allow", ""),
+        ("--deny", "10.0.0.0/8:0"),
+        ("--deny", "10.0.0.0/8:http"),
+        ("--allow", "2001:db8::/32:443"),
+        ("--allow", "[2001:db8::/32]443"),
     ],
 )
 def test_malformed_cidr_exits_2_naming_the_flag(flag: str, value: str, vsock_dir: Path) -> None:

@@ -183,8 +183,8 @@ def test_transparent_unit_denies_the_metadata_service() -> None:
         "10.0.0.2",
         "172.31.0.2",
     ):
-        assert not policy.permits(parse_cidr(denied).network_address), denied
-    assert policy.permits(parse_cidr("93.184.216.34").network_address)
+        assert not policy.permits(parse_cidr(denied).network_address, 443), denied
+    assert policy.permits(parse_cidr("93.184.216.34").network_address, 443)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")

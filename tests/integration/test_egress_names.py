@@ -354,12 +354,84 @@ def test_cidr_rules_beside_names(tmp_path: Path, vsock_link: Vsock) -> None:
             wait_until(lambda: w.inner.stdout.count(line) > before, "the connect", WAIT)
 
 
+# --- ports in the rules ---------------------------------------------------------------------
+
+
+def test_rules_with_a_port_allow_that_port_only(tmp_path: Path, vsock_link: Vsock) -> None:
+    """An allowed name on a port its pattern does not name is denied (issue 21 section 3: an
+    enclave reached api.example.org:2222 with api.example.org allowed); a pattern without a
+    port allows every port; --allow and --deny take a port the same way."""
+    flags = (
+        "--allow-host", f"{API}:443", "--allow-host", "*.example.com",
+        "--allow", f"{SERVERS[2]}/32:443", "--deny", f"{SERVERS[1]}/32:80", "--deny-private",
+    )  # fmt: skip
+    with world(vsock_link, tmp_path, *flags) as w:
+        assert (
+            f"denied: {SERVERS[1]}/32:80; allowed: {SERVERS[2]}/32:443; allowed by name (TLS "
+            "server_name or HTTP Host, where the destination is an address the name resolves "
+            f"to): {API}:443, *.example.com; everything else denied" in w.inner.stdout
+        )
+        # the name on its port: through
+        result = w.curl(*https(API))
+        assert (result.returncode, result.stdout) == (0, f"server {API_ADDRESS}\n"), result
+        allowed(w, API, API_ADDRESS)
+        # the same name, resolving to the same address, on port 80 (http.server listens)
+        before = server_hits(w, API_ADDRESS)
+        result = w.curl(f"http://{API}/id.txt", f"{API}:80:{API_ADDRESS}")
+        assert result.returncode == 52 and "Empty reply from server" in result.stderr, result
+        denied(w, f"{API_ADDRESS}:80 for {API} denied by --allow-host: the name matches "
+               f"{API}:443, not on port 80")  # fmt: skip
+        assert server_hits(w, API_ADDRESS) == before
+
+        # a pattern without a port: every port, unless a --deny with a port says otherwise
+        result = w.curl(*https("www.example.com"))
+        assert (result.returncode, result.stdout) == (0, f"server {SERVERS[1]}\n"), result
+        before = server_hits(w, SERVERS[1])
+        result = w.curl("http://www.example.com/id.txt", f"www.example.com:80:{SERVERS[1]}")
+        assert result.returncode in (52, 56), result  # denied on the header: EOF or reset
+        denied(w, f"{SERVERS[1]}:80 denied by --deny {SERVERS[1]}/32:80")
+        assert server_hits(w, SERVERS[1]) == before
+        result = w.curl("http://a.b.example.com:80/id.txt", f"a.b.example.com:80:{SERVERS[1]}")
+        assert result.returncode != 0, result
+
+        # --allow with a port: the address on 443 with no name at all, but not on 80
+        result = w.curl(f"https://{SERVERS[2]}/id.txt")
+        assert result.returncode == 60, result  # the handshake reached the server (no SNI)
+        w.inner.wait_for(f"Proxying to: {SERVERS[2]}:443")
+        before = server_hits(w, SERVERS[2])
+        result = w.curl(f"http://{SERVERS[2]}/id.txt")
+        assert result.returncode == 52, result
+        denied(w, f"{SERVERS[2]}:80 denied by --allow-host: no host name in the stream "
+               f"(Host '{SERVERS[2]}' is not a host name), and the address is allowed on other "
+               f"ports only ({SERVERS[2]}/32:443), not 80")  # fmt: skip
+        assert server_hits(w, SERVERS[2]) == before
+    assert "Traceback" not in w.inner.stderr
+
+
+def test_a_port_no_rule_allows_is_denied_without_reading_the_stream(
+    tmp_path: Path, vsock_link: Vsock
+) -> None:
+    """With every pattern on port 443, a connection to port 80 is denied on its header
+    alone: no name needs to be read, so a client that sends nothing is closed at once."""
+    with world(vsock_link, tmp_path, "--allow-host", f"{API}:443") as w:
+        with tcp_socket_in(w.enclave) as sock:
+            started = time.monotonic()
+            assert closed_without_data(sock, connect_to=(API_ADDRESS, 80))
+            assert time.monotonic() - started < WAIT / 2
+        denied(w, f"{API_ADDRESS}:80 denied by --allow-host: no pattern allows port 80, and "
+               "the address is in no --allow network")  # fmt: skip
+
+
 # --- flags ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "pattern", ["*", "a*.example.com", "api.*.example.com", "192.0.2.1", "exa mple.com", ""]
-)
+    "pattern",
+    [
+        "*", "a*.example.com", "api.*.example.com", "192.0.2.1", "exa mple.com", "",
+        "api.example.org:0", "api.example.org:65536", "api.example.org:https", "[::1]:443",
+    ],
+)  # fmt: skip
 def test_malformed_allow_host_exits_2_naming_the_flag(pattern: str, tmp_path: Path) -> None:
     result = Proxy(
         ["vsock-to-ip-transparent", "-v", "3:1200", "--allow-host", pattern],

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from pf_proxy.cli.options import MAX_SECONDS, MIN_SECONDS, Seconds, WholeNumber
-from tests.integration.helpers import console_scripts
+from pf_proxy.kinds import KINDS
 
-COMMANDS = console_scripts()
+COMMANDS = {name: kind.command() for name, kind in KINDS.items()}  # the proxies' commands
 
 
 def test_the_range_is_a_year_down_to_a_millisecond() -> None:
@@ -27,7 +27,7 @@ def test_the_range_is_a_year_down_to_a_millisecond() -> None:
 def test_every_numeric_option_of_every_command_takes_a_checked_type() -> None:
     """A command added later with click.FLOAT or a bare FloatRange (which take NaN) fails
     here: timeouts and intervals take Seconds, integers WholeNumber."""
-    assert len(COMMANDS) == 11, sorted(COMMANDS)
+    assert len(COMMANDS) == 11, sorted(COMMANDS)  # pf-proxy run's kinds
     numeric = []
     for name, command in COMMANDS.items():
         for param in command.params:

@@ -19,7 +19,12 @@ from pf_proxy.endpoints import (
     parse_ip_address,
     parse_vsock_address,
 )
-from pf_proxy.tcp.access import CidrError, HostPatternError, parse_cidr, parse_host_pattern
+from pf_proxy.tcp.access import (
+    CidrError,
+    HostPatternError,
+    parse_host_pattern,
+    parse_network_rule,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,15 +53,15 @@ IP_TARGET_ADDRESS = _AddressType(
     "HOST:PORT", lambda text: parse_ip_address(text, allow_host_name=True)
 )
 CID = _AddressType("CID", parse_cid)
-CIDR = _AddressType("CIDR", parse_cidr)
+NETWORK_RULE = _AddressType("CIDR[:PORT]", parse_network_rule)
 
 __all__ = [
     "CID",
-    "CIDR",
     "IP_LISTEN_ADDRESS",
     "IP_TARGET_ADDRESS",
     "MAX_SECONDS",
     "MIN_SECONDS",
+    "NETWORK_RULE",
     "VSOCK_ADDRESS",
     "IpAddress",
     "Seconds",

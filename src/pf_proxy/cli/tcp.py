@@ -10,11 +10,12 @@ import click
 
 from pf_proxy.cli.options import (
     CID,
-    CIDR,
     HOST_PATTERN,
     IP_LISTEN_ADDRESS,
     IP_TARGET_ADDRESS,
+    NETWORK_RULE,
     VSOCK_ADDRESS,
+    F,
     command,
     metrics_option,
     run_command,
@@ -121,9 +122,61 @@ def plan_ip_to_vsock(options: Options) -> Plan:
     return _plan(listen, lambda: routes.fixed(upstream), "ip to vsock", "vsock to ip", options)
 
 
+def policy_options(func: F) -> F:
+    """--allow, --deny, --deny-private and --allow-host: the egress policy (tcp/access.py)."""
+    options = [
+        click.option(
+            "--allow",
+            multiple=True,
+            type=NETWORK_RULE,
+            metavar="CIDR[:PORT]",
+            help="Connect only to destinations in this network, on this port if one is given "
+            "(10.0.0.0/8, 10.0.0.0/8:443, [2001:db8::/32]:443: an IPv6 network takes a port "
+            "only in brackets). Repeatable; with any --allow, everything else is denied. "
+            "Default: every destination is allowed.",
+        ),
+        click.option(
+            "--deny",
+            multiple=True,
+            type=NETWORK_RULE,
+            metavar="CIDR[:PORT]",
+            help="Never connect to destinations in this network, on this port if one is given "
+            "(same forms as --allow; repeatable; deny wins over --allow), e.g. 169.254.0.0/16 "
+            "for the instance metadata service. It also denies the IPv6 forms that embed a "
+            "denied IPv4 address (IPv4-mapped and -compatible, NAT64, 6to4, Teredo ...).",
+        ),
+        click.option(
+            "--deny-private",
+            is_flag=True,
+            help="Deny what an enclave should never reach by accident: loopback, RFC 1918, "
+            "link-local (the instance metadata service), CGNAT, multicast, reserved and "
+            "documentation ranges, IPv6 ULA, link-local and loopback, and every IPv6 form "
+            "of the IPv4 ones (IPv4-mapped, IPv4-compatible, IPv4-translated, NAT64 "
+            "64:ff9b::/96 and 64:ff9b:1::/48, 6to4 2002::/16, Teredo 2001::/32).",
+        ),
+        click.option(
+            "--allow-host",
+            "allow_hosts",
+            multiple=True,
+            type=HOST_PATTERN,
+            metavar="PATTERN[:PORT]",
+            help="Allow a destination by name: this name (api.example.com) or any below it "
+            "(*.example.com), on this port if one is given (api.example.com:443), else on "
+            "every port. Repeatable; with any, everything not allowed is denied.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @command(
     "Transparent proxy from vsock to IP: each vsock stream starts with the destination "
-    "header written by ip-to-vsock-transparent; connect there and relay."
+    "header written by ip-to-vsock-transparent; connect there and relay. With --allow-host, "
+    "a stream is allowed by its TLS server_name (SNI) or HTTP Host when the destination is "
+    "an address the name resolves to on this host; its first bytes are read for the name (up "
+    "to 16 KiB, within half the connect timeout) and sent on first. The decision is taken "
+    "once per connection (docs/security-egress-policy.md)."
 )
 @click.option(
     "-v",
@@ -133,42 +186,7 @@ def plan_ip_to_vsock(options: Options) -> Plan:
     help="vsock address of the listener, open to the transparent proxy sender "
     "<cid:port>, e.g. 3:1200",
 )
-@click.option(
-    "--allow",
-    multiple=True,
-    type=CIDR,
-    metavar="CIDR",
-    help="Connect only to destinations in this network (repeatable; with any --allow, "
-    "everything else is denied). Default: every destination is allowed.",
-)
-@click.option(
-    "--deny",
-    multiple=True,
-    type=CIDR,
-    metavar="CIDR",
-    help="Never connect to destinations in this network (repeatable; deny wins over "
-    "--allow), e.g. 169.254.0.0/16 for the instance metadata service.",
-)
-@click.option(
-    "--deny-private",
-    is_flag=True,
-    help="Deny what an enclave should never reach by accident: loopback, RFC 1918, "
-    "link-local (the instance metadata service), CGNAT, multicast, reserved and "
-    "documentation ranges, IPv6 ULA, link-local and loopback, and the IPv4-mapped and "
-    "NAT64 forms of the IPv4 ones.",
-)
-@click.option(
-    "--allow-host",
-    "allow_hosts",
-    multiple=True,
-    type=HOST_PATTERN,
-    metavar="PATTERN",
-    help="Allow a stream whose TLS server_name (SNI) or HTTP Host is this name "
-    "(api.example.com) or below it (*.example.com), when its destination is an address "
-    "the name resolves to on this host (repeatable; with any, everything not allowed is "
-    "denied). The stream's first bytes are read (up to 16 KiB, within half the connect "
-    "timeout) and sent on first.",
-)
+@policy_options
 @timeouts
 @vsock_buffer
 @metrics_option

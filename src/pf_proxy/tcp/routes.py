@@ -12,7 +12,6 @@ import asyncio
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
 
 from pf_proxy.endpoints import (
     Endpoint,
@@ -31,7 +30,7 @@ from pf_proxy.tcp.dstheader import (
     header_size,
 )
 from pf_proxy.tcp.origdst import original_destination
-from pf_proxy.tcp.sniff import MAX_SNIFF_BYTES, Name, NeedMore, NoName, sniff
+from pf_proxy.tcp.sniff import MAX_SNIFF_BYTES, Name, NeedMore, NoName, Sniffer
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ def from_destination_header(
             destination, first_bytes = await read_destination_header_and_more(inbound)
         else:
             destination, first_bytes = await read_destination_header(inbound), b""
-        verdict = policy.judge_address(destination.address)
+        verdict = policy.judge_address(destination.address, destination.port)
         if verdict is None:
             assert lookup is not None, "a policy with --allow-host needs a lookup"
             try:
@@ -97,7 +96,9 @@ def from_destination_header(
                     f"no complete TLS ClientHello or HTTP request head within {name_timeout:g} s",
                 )
             else:  # the lookup is bounded by the resolver's own timeout
-                verdict = await policy.judge_name(destination.address, found, lookup)
+                verdict = await policy.judge_name(
+                    destination.address, destination.port, found, lookup
+                )
         if not verdict.allowed:
             raise DeniedDestination(verdict.describe(destination))
         if verdict.name is not None:
@@ -168,21 +169,15 @@ async def read_stream_start(
     sock: socket.socket, initial: bytes = b""
 ) -> tuple[bytes, Name | NoName]:
     """Read until the bytes so far (`initial` first) name a host or surely do not (see
-    `sniff`): at most MAX_SNIFF_BYTES, asking `sniff` again only once it can answer
-    differently. Returns everything read, `initial` included, to be sent on first, and the
-    answer."""
-    data = bytearray(initial)
-    at_least = 0  # at most MAX_SNIFF_BYTES, where sniff() decides: never a recv of 0 bytes
-    while True:
-        if len(data) >= at_least:
-            found = sniff(bytes(data))
-            if not isinstance(found, NeedMore):
-                return bytes(data), found
-            at_least = min(found.at_least, MAX_SNIFF_BYTES)
-        chunk = await _recv(sock, MAX_SNIFF_BYTES - len(data))
-        if not chunk:
-            return bytes(data), cast(Name | NoName, sniff(bytes(data), ended=True))
-        data += chunk
+    `sniff`): at most MAX_SNIFF_BYTES, each byte examined a bounded number of times however
+    the peer cuts them. Returns everything read, `initial` included, to be sent on first, and
+    the answer."""
+    sniffer = Sniffer()
+    found = sniffer.feed(initial)
+    while isinstance(found, NeedMore):  # below MAX_SNIFF_BYTES: never a recv of 0 bytes
+        chunk = await _recv(sock, MAX_SNIFF_BYTES - len(sniffer.data))
+        found = sniffer.feed(chunk) if chunk else sniffer.end()
+    return bytes(sniffer.data), found
 
 
 async def _read_exactly(sock: socket.socket, size: int) -> bytes:

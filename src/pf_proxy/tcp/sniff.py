@@ -13,12 +13,13 @@ read so far and answers one of three things:
   a host, and the answer cannot change before `at_least` bytes are in (the end of the TLS
   record being read; for HTTP, one more byte).
 
-No I/O, no state: the caller reads more and asks again. Everything is bounded by `limit`
-(at most that many bytes are ever needed; a stream that has not decided by then is `NoName`),
-and every length field is checked before it is used, so arbitrary bytes never raise. The
-work is bounded too: a caller that asks again only at `at_least` parses each TLS record of a
-ClientHello spread over many once per record, and at most MAX_RECORDS of them, however the
-client trickles its bytes.
+No I/O: a `Sniffer` is fed the bytes as they arrive and answers after each feed; `sniff()`
+is one feed of everything at once. Everything is bounded by `limit` (at most that many bytes
+are ever needed; a stream that has not decided by then is `NoName`), and every length field is
+checked before it is used, so arbitrary bytes never raise. The work is linear in the bytes
+however the client trickles them: a TLS ClientHello is parsed again only once the record being
+read is complete (at most MAX_RECORDS of them), and an HTTP head is scanned once, each feed
+going on where the last stopped, and parsed once, when its end is in.
 
 Ambiguity is refused rather than guessed: a server must never be able to read a different name
 from the same bytes than the proxy did. So a ClientHello with two server_name extensions, or
@@ -93,22 +94,81 @@ def sniff(data: bytes, *, ended: bool = False, limit: int = MAX_SNIFF_BYTES) -> 
     `ended`: the stream ended after `data`, so "need more" becomes `NoName`. At `limit` bytes
     or more, a stream that still needs more is `NoName` too.
     """
-    if not data:
-        result: Sniffed = NEED_MORE
-    elif data[0] == _HANDSHAKE_RECORD:
-        result = _sniff_tls(data)
-    elif data[0] in _TCHAR:
-        result = _sniff_http(data)
-    else:
-        result = NoName(f"neither TLS nor HTTP (first byte 0x{data[0]:02x})")
-    if isinstance(result, NeedMore):
-        if result.at_least <= len(data):
-            result = NeedMore(len(data) + 1)
-        if ended:
-            return NoName(f"the stream ended after {len(data)} bytes, before naming a host")
-        if len(data) >= limit:
-            return NoName(f"no host name in the first {limit} bytes")
-    return result
+    sniffer = Sniffer(limit)
+    found = sniffer.feed(data)
+    if ended and isinstance(found, NeedMore):
+        return sniffer.end()
+    return found
+
+
+class Sniffer:
+    """`sniff` for bytes that arrive in pieces: `feed` each piece as it comes, `end` when the
+    stream ends first. `data` holds every byte fed."""
+
+    def __init__(self, limit: int = MAX_SNIFF_BYTES) -> None:
+        self.data = bytearray()
+        self.limit = limit
+        self._at_least = 0  # no answer can change before this many bytes are in
+        # HTTP: what the bytes so far have shown, so that each feed checks only new bytes
+        self._method_checked = False
+        self._request_line_checked = False
+        self._checked = 0  # data[:_checked] has no bare CR or LF and no end of the head
+
+    def feed(self, chunk: bytes) -> Sniffed:
+        """The answer for every byte fed so far, `chunk` the last. Feed no more once it is
+        `Name` or `NoName`."""
+        self.data += chunk
+        data = self.data
+        if len(data) < self._at_least:
+            result: Sniffed = NEED_MORE
+        elif not data:
+            result = NEED_MORE
+        elif data[0] == _HANDSHAKE_RECORD:
+            result = _sniff_tls(data)
+        elif data[0] in _TCHAR:
+            result = self._sniff_http_so_far()
+        else:
+            result = NoName(f"neither TLS nor HTTP (first byte 0x{data[0]:02x})")
+        if isinstance(result, NeedMore):
+            self._at_least = max(result.at_least, len(data) + 1)
+            if len(data) >= self.limit:
+                return NoName(f"no host name in the first {self.limit} bytes")
+            return NeedMore(self._at_least)
+        return result
+
+    def end(self) -> NoName:
+        """The answer when the stream ended while `feed` still needed more."""
+        return NoName(f"the stream ended after {len(self.data)} bytes, before naming a host")
+
+    def _sniff_http_so_far(self) -> Sniffed:
+        """An HTTP/1.x request head, checking only the bytes new since the last feed (for a
+        bare CR or LF, the end of the request line, the end of the head), so that a head fed
+        a byte at a time costs what one fed whole does; parsed once, when its end is in."""
+        data = self.data
+        if not self._method_checked:  # within the first _MAX_METHOD + 1 bytes: bounded
+            space = data.find(b" ", 0, _MAX_METHOD + 1)
+            if space < 0:
+                head = data[: _MAX_METHOD + 1]
+                if len(head) <= _MAX_METHOD and all(byte in _TCHAR for byte in head):
+                    return NEED_MORE
+                return NoName("neither TLS nor HTTP")
+            if not all(byte in _TCHAR for byte in data[:space]):
+                return NoName("neither TLS nor HTTP")
+            self._method_checked = True
+        start = self._checked
+        end = data.find(b"\r\n\r\n", max(0, start - 3))
+        if end >= 0:
+            return _sniff_http(bytes(data[:end]))
+        if not _crlf_only(bytes(data[start:])):  # from after a whole CRLF, or from a CR
+            return NoName("HTTP request with a bare LF or CR")
+        self._checked = len(data) - 1 if data.endswith(b"\r") else len(data)
+        if not self._request_line_checked:
+            first_line_end = data.find(b"\r\n", max(0, start - 1))
+            if first_line_end >= 0:
+                if _REQUEST_LINE.fullmatch(data, 0, first_line_end) is None:
+                    return NoName("not an HTTP/1.x request line")
+                self._request_line_checked = True
+        return NEED_MORE
 
 
 def valid_host_name(text: str) -> str | None:
@@ -136,7 +196,7 @@ class _Malformed(Exception):
     """Raised inside the ClientHello parser; becomes NoName."""
 
 
-def _sniff_tls(data: bytes) -> Sniffed:
+def _sniff_tls(data: bytes | bytearray) -> Sniffed:
     """Reassemble the first handshake message from as many records as it spans; parse it once
     whole. Only handshake records may come before it is complete."""
     message = bytearray()
@@ -266,25 +326,10 @@ def _host_names(content: _Reader) -> list[str]:
 # --- HTTP/1.x -----------------------------------------------------------------------------------
 
 
-def _sniff_http(data: bytes) -> Sniffed:
-    """The Host of an HTTP/1.x request once its whole header section is in."""
-    space = data.find(b" ", 0, _MAX_METHOD + 1)
-    if space < 0:
-        head = data[: _MAX_METHOD + 1]
-        if len(head) <= _MAX_METHOD and all(byte in _TCHAR for byte in head):
-            return NEED_MORE
-        return NoName("neither TLS nor HTTP")
-    if not all(byte in _TCHAR for byte in data[:space]):
-        return NoName("neither TLS nor HTTP")
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        if not _crlf_only(data):
-            return NoName("HTTP request with a bare LF or CR")
-        first_line_end = data.find(b"\r\n")
-        if first_line_end >= 0 and _REQUEST_LINE.fullmatch(data[:first_line_end]) is None:
-            return NoName("not an HTTP/1.x request line")
-        return NEED_MORE
-    lines = data[:end].split(b"\r\n")
+def _sniff_http(head: bytes) -> Sniffed:
+    """The Host of an HTTP/1.x request head (the bytes before its blank line), whose method
+    is made of token characters."""
+    lines = head.split(b"\r\n")
     if any(b"\r" in line or b"\n" in line for line in lines):
         return NoName("HTTP request with a bare LF or CR")
     request = _REQUEST_LINE.fullmatch(lines[0])
