@@ -17,6 +17,7 @@ from pf_proxy.cli.options import (
     IP_LISTEN_ADDRESS,
     IP_TARGET_ADDRESS,
     VSOCK_ADDRESS,
+    backlog_option,
     command,
     metrics_option,
     timeouts,
@@ -68,6 +69,7 @@ def _run(
     drain_timeout: float,
     metrics_address: IpAddress | None,
     workers: int,
+    backlog: int | None,
 ) -> None:
     runtime.start_logging()
     metrics.describe_command(click.get_current_context().info_name or "pf-proxy")
@@ -77,6 +79,7 @@ def _run(
         connect_timeout=connect_timeout,
         idle_timeout=idle_timeout or None,
         drain_timeout=drain_timeout,
+        backlog=backlog,
     )
     if workers > 1:
         sys.exit(engine.serve_in_workers(listen, make_route, settings, metrics_address, workers))
@@ -100,6 +103,7 @@ def _run(
 @vsock_buffer
 @metrics_option
 @workers_option
+@backlog_option
 def vsock_to_ip(
     vsock_addr: VsockAddress, ip_addr: IpAddress, vsock_buffer_size: int, **options: Any
 ) -> None:
@@ -120,6 +124,7 @@ def vsock_to_ip(
 @vsock_buffer
 @metrics_option
 @workers_option
+@backlog_option
 def ip_to_vsock(
     ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **options: Any
 ) -> None:
@@ -181,6 +186,7 @@ def ip_to_vsock(
 @vsock_buffer
 @metrics_option
 @workers_option
+@backlog_option
 def vsock_to_ip_transparent(
     vsock_addr: VsockAddress,
     allow: tuple[IpNetwork, ...],
@@ -233,6 +239,7 @@ def vsock_to_ip_transparent(
 @vsock_buffer
 @metrics_option
 @workers_option
+@backlog_option
 def ip_to_vsock_transparent(
     ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **options: Any
 ) -> None:
@@ -263,6 +270,7 @@ def ip_to_vsock_transparent(
 @vsock_buffer
 @metrics_option
 @workers_option
+@backlog_option
 def transparent_port_to_vsock(
     ip_addr: IpAddress, cid: int, vsock_buffer_size: int, **options: Any
 ) -> None:

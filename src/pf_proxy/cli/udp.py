@@ -13,6 +13,7 @@ from pf_proxy.cli.options import (
     IP_LISTEN_ADDRESS,
     IP_TARGET_ADDRESS,
     VSOCK_ADDRESS,
+    backlog_option,
     command,
     flow_timeouts,
     metrics_option,
@@ -60,7 +61,7 @@ def udp_to_vsock(
     vsock_addr: VsockAddress,
     vsock_buffer_size: int,
     metrics_address: IpAddress | None,
-    **options: float,
+    **options: Any,
 ) -> None:
     _start("udp-to-vsock")
     upstream = vsock_endpoint(vsock_addr, vsock_buffer_size)
@@ -92,12 +93,13 @@ def udp_to_vsock(
 @stats_interval
 @vsock_buffer
 @metrics_option
+@backlog_option
 def vsock_to_udp(
     vsock_addr: VsockAddress,
     ip_addr: IpAddress,
     vsock_buffer_size: int,
     metrics_address: IpAddress | None,
-    **options: float,
+    **options: Any,
 ) -> None:
     _start("vsock-to-udp")
     listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
