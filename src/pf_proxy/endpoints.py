@@ -22,6 +22,11 @@ What real AF_VSOCK does, and how the emulation is made to match (see docs/develo
   once with ECONNRESET; a CID that does not exist fails at once with ENODEV. The emulation
   raises the same errors (a Unix socket would say ENOENT, ECONNREFUSED or EAGAIN), and every
   message names the vsock address and what the error means there.
+- ECONNRESET cannot tell a full backlog (a burst of clients faster than the far side
+  accepts) from a listener that is not there (yet), so such a connect is tried again after a
+  short backoff while the caller's connect timeout leaves room (`ConnectRetries`, the one
+  schedule every vsock connect of the TCP and UDP planes follows). The final failure says
+  how often it was retried.
 - CPython reads and writes every AF_VSOCK socket option as a 64-bit integer: a `bytes` value
   (a struct linger, a struct timeval) raises TypeError. No code sets such an option on a
   socket that may be vsock; `close_abortively()` leaves SO_LINGER to TCP sockets.
@@ -33,6 +38,7 @@ import asyncio
 import errno
 import ipaddress
 import os
+import random
 import re
 import socket
 import struct
@@ -47,7 +53,12 @@ _NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 SO_VM_SOCKETS_BUFFER_SIZE = 0  # linux/vm_sockets.h (level AF_VSOCK)
 SO_VM_SOCKETS_BUFFER_MAX_SIZE = 2  # linux/vm_sockets.h
 U32_MAX = 0xFFFFFFFF
-DEFAULT_BACKLOG = 1024
+SOMAXCONN_PATH = Path("/proc/sys/net/core/somaxconn")
+# A retried connect (see ConnectRetries) waits about RETRY_FIRST seconds before its first
+# retry, twice as long before each next one, at most RETRY_CAP: a listener that is merely slow
+# to accept is reached within milliseconds, one that is not there costs a try every 0.1 s.
+RETRY_FIRST = 0.002
+RETRY_CAP = 0.1
 
 _DIGITS = re.compile(r"[0-9]+")
 _HOST_NAME = re.compile(
@@ -81,7 +92,66 @@ class BindError(OSError):
 
 
 class ConnectError(OSError):
-    """An upstream connection failed; the message names the address."""
+    """An upstream connection failed; the message names the address. `retryable`: the
+    failure may pass if tried again (see `ConnectRetries`)."""
+
+    retryable = False
+
+
+def _retryable(exc: ConnectError) -> ConnectError:
+    exc.retryable = True
+    return exc
+
+
+class ConnectRetries:
+    """How one connect is tried again while it fails with a retryable error, until `deadline`
+    (the event loop's clock; None: never retried, the caller has a schedule of its own).
+
+    After each failed try the caller asks `delay()`: the seconds to wait before the next try
+    (RETRY_FIRST, doubling up to RETRY_CAP, each drawn from its upper half so that a burst
+    of clients refused together does not come back together), or None once the error is not
+    retryable or the next try would start past the deadline. `final()` is then the error to
+    report: it says how often the connect was retried, and for how long.
+    """
+
+    __slots__ = ("_next_delay", "count", "deadline", "first_failure")
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+        self.count = 0  # tries after the first
+        self.first_failure: float | None = None
+        self._next_delay = RETRY_FIRST
+
+    def delay(self, exc: ConnectError, now: float) -> float | None:
+        if self.first_failure is None:
+            self.first_failure = now
+        if not exc.retryable or self.deadline is None:
+            return None
+        delay = self._next_delay * (0.5 + random.random() / 2)
+        if now + delay >= self.deadline:
+            return None
+        self._next_delay = min(self._next_delay * 2, RETRY_CAP)
+        self.count += 1
+        return delay
+
+    def final(self, exc: ConnectError, now: float) -> ConnectError:
+        """The error that ends the connect: `exc`, saying how often it was retried."""
+        if not self.count:
+            return exc
+        started = now if self.first_failure is None else self.first_failure
+        times = "once" if self.count == 1 else f"{self.count} times"
+        final = ConnectError(exc.errno, f"{exc.strerror}; retried {times} in {now - started:.2f} s")
+        final.retryable = exc.retryable
+        return final
+
+
+def max_backlog() -> int:
+    """The largest listen backlog the kernel allows: net.core.somaxconn, as this network
+    namespace has it (listen() silently takes the lesser of it and what it is given)."""
+    try:
+        return int(SOMAXCONN_PATH.read_text())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
 
 
 def _parse_u32(text: str, what: str) -> int:
@@ -217,10 +287,12 @@ async def _writable(sock: socket.socket) -> None:
         loop.remove_writer(sock.fileno())
 
 
-def _listen(sock: socket.socket, address: object, backlog: int) -> socket.socket:
+def _listen(sock: socket.socket, address: object, backlog: int | None) -> socket.socket:
+    """Bind and listen (`backlog` None: the largest the kernel allows); close it if that
+    fails."""
     try:
         sock.bind(address)  # type: ignore[arg-type]
-        sock.listen(backlog)
+        sock.listen(max_backlog() if backlog is None else backlog)
     except BaseException:
         sock.close()
         raise
@@ -240,9 +312,13 @@ def _begin(sock: socket.socket, address: object, tcp_nodelay: bool = False) -> C
 
 
 class _Connectable:
-    """What connecting means for both kinds of endpoint; each says what an error means."""
+    """What connecting means for every kind of endpoint; each says how to connect once and
+    what an error means."""
 
     def _connect_error(self, exc: OSError) -> ConnectError:
+        raise NotImplementedError
+
+    async def _connect_once(self) -> socket.socket:
         raise NotImplementedError
 
     def finish_connect(self, sock: socket.socket) -> None:
@@ -252,6 +328,24 @@ class _Connectable:
             end_connect(sock)
         except OSError as exc:
             raise self._connect_error(exc) from exc
+
+    async def connect(self, retries: ConnectRetries | None = None) -> socket.socket:
+        """A connected non-blocking socket; `ConnectError` names the address. With
+        `retries`, a failure that may pass is tried again on its schedule."""
+        if retries is None:
+            return await self._connect_once()
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return await self._connect_once()
+            except ConnectError as exc:
+                delay = retries.delay(exc, loop.time())
+                if delay is None:
+                    final = retries.final(exc, loop.time())
+                    if final is exc:
+                        raise
+                    raise final from exc
+            await asyncio.sleep(delay)
 
 
 class VsockEndpoint(_Connectable):
@@ -308,7 +402,7 @@ class VsockEndpoint(_Connectable):
         cid = self.address.cid if cid is None else cid
         return self.emulation_dir / f"{cid}_{self.address.port}.sock"
 
-    def listen(self, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+    def listen(self, backlog: int | None = None) -> socket.socket:
         """A bound, listening, non-blocking socket; `BindError` names the address."""
         try:
             if self.emulation_dir is None:
@@ -324,7 +418,7 @@ class VsockEndpoint(_Connectable):
                 f"Failed to bind listener to vsock {self.address}{where}: {exc.strerror or exc}",
             ) from exc
 
-    def listen_shared(self, backlog: int, count: int) -> list[socket.socket]:
+    def listen_shared(self, backlog: int | None, count: int) -> list[socket.socket]:
         """Listening sockets for `count` worker processes: AF_VSOCK (and the Unix socket
         that emulates it) has no SO_REUSEPORT, so it is one socket, which every worker
         inherits and accepts on (the list holds it `count` times)."""
@@ -340,14 +434,16 @@ class VsockEndpoint(_Connectable):
         except OSError as exc:
             raise self._connect_error(exc) from exc
 
-    async def connect(self) -> socket.socket:
-        """A connected non-blocking socket (`start_connect`, waiting if need be)."""
+    async def _connect_once(self) -> socket.socket:
         return await _connect(self, self.start_connect())
 
     def _connect_error(self, exc: OSError) -> ConnectError:
         meaning = _VSOCK_CONNECT_ERRORS.get(exc.errno or 0, "").format(self)
         why = f"{meaning} ({exc.strerror})" if meaning else (exc.strerror or str(exc))
-        return ConnectError(exc.errno, f"failed to connect to vsock endpoint {self.address}: {why}")
+        error = ConnectError(
+            exc.errno, f"failed to connect to vsock endpoint {self.address}: {why}"
+        )
+        return _retryable(error) if exc.errno == errno.ECONNRESET else error
 
     def _connect_emulated(self) -> Connecting:
         """Connect as AF_VSOCK would: a listener on VMADDR_CID_ANY takes every CID; no
@@ -471,7 +567,7 @@ class IpEndpoint(_Connectable):
     def __str__(self) -> str:
         return str(self.address)
 
-    def listen(self, backlog: int = DEFAULT_BACKLOG, reuse_port: bool = False) -> socket.socket:
+    def listen(self, backlog: int | None = None, reuse_port: bool = False) -> socket.socket:
         """A bound, listening, non-blocking socket; `BindError` names the address."""
         try:
             family, _, _, _, sockaddr = socket.getaddrinfo(
@@ -490,7 +586,7 @@ class IpEndpoint(_Connectable):
                 exc.errno, f"Failed to bind listener to {self.address}: {exc.strerror or exc}"
             ) from exc
 
-    def listen_shared(self, backlog: int, count: int) -> list[socket.socket]:
+    def listen_shared(self, backlog: int | None, count: int) -> list[socket.socket]:
         """Listening sockets for `count` worker processes, one each, bound to the same
         address with SO_REUSEPORT: the kernel spreads new connections over them.
 
@@ -522,9 +618,8 @@ class IpEndpoint(_Connectable):
         except OSError as exc:
             raise self._connect_error(exc) from exc
 
-    async def connect(self) -> socket.socket:
-        """A connected non-blocking socket: a host name is resolved, and each of its
-        addresses tried in turn."""
+    async def _connect_once(self) -> socket.socket:
+        """A host name is resolved, and each of its addresses tried in turn."""
         connecting = self.start_connect()
         if connecting is not None:
             return await _connect(self, connecting)

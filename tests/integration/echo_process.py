@@ -1,6 +1,8 @@
 """An echo server as a process of its own, for tests that kill and restart an upstream.
 
     python -m tests.integration.echo_process tcp 127.0.0.1 PORT
+    python -m tests.integration.echo_process tcp-loop 127.0.0.1 PORT  (an event loop, not a
+                                              thread per connection: for thousands of them)
     python -m tests.integration.echo_process unix /path/to/88_5000.sock
     python -m tests.integration.echo_process vsock CID PORT   (inside the guest stage only)
     python -m tests.integration.echo_process udp HOST PORT
@@ -48,6 +50,13 @@ def main() -> None:
     kind = sys.argv[1]
     if kind == "udp":
         echo_datagrams(sys.argv[2], int(sys.argv[3]))
+        return
+    if kind == "tcp-loop":
+        from tests.integration.loopecho import EchoServer, tcp_listener
+
+        EchoServer(tcp_listener(sys.argv[2], int(sys.argv[3])))
+        print("ready", flush=True)
+        threading.Event().wait()
         return
     if kind == "tcp":
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -27,8 +27,15 @@ RAW_COMMANDS = [  # the four raw-proxy console scripts
 ]
 
 
+def proxy_commands() -> dict[str, click.Command]:
+    """The commands of the proxies' kinds (the eleven, and any added later), loaded."""
+    from pf_proxy.kinds import KINDS
+
+    return {name: kind.command() for name, kind in KINDS.items()}
+
+
 def console_scripts() -> dict[str, click.Command]:
-    """The project's console scripts (all nine, and any added later), loaded."""
+    """The project's console scripts (the proxies' commands and pf-proxy), loaded."""
     found = {}
     for entry in entry_points(group="console_scripts"):
         if entry.value.startswith("pf_proxy."):

@@ -75,7 +75,8 @@ def test_prometheus_scrapes_what_the_tcp_proxies_did(
         ) as outer,
         running(
             "ip-to-vsock", "-i", f"127.0.0.1:{refusing_port}", "-v", "88:4999",
-            "--metrics", f"127.0.0.1:{ports['refusing']}", log_dir=tmp_path, env=env,
+            "--connect-timeout", "1", "--metrics", f"127.0.0.1:{ports['refusing']}",
+            log_dir=tmp_path, env=env,
         ),
         running(
             "vsock-to-ip-transparent", "-v", "88:1200", "--deny", "127.0.0.0/8",
@@ -117,6 +118,10 @@ def test_prometheus_scrapes_what_the_tcp_proxies_did(
                 metric = at(name, "pf_proxy_tcp_relayed_bytes_total", direction=direction)
                 server.wait_for(metric, 50_000)
         server.wait_for(ended("refusing", "upstream_connect_failed"), 1)
+        # Refused at once, as a full backlog is: tried again within the connect timeout.
+        retried = at("refusing", "pf_proxy_tcp_upstream_connect_retries_total")
+        server.wait_for(f"{retried} > bool 5", 1)
+        server.wait_for(at("outer", "pf_proxy_tcp_upstream_connect_retries_total"), 0)
         server.wait_for(ended("transparent", "denied"), 1)
         server.wait_for(at("outer", "pf_proxy_info", command="ip-to-vsock"), 1)
         assert (server.value(at("outer", "process_open_fds")) or 0) > 0

@@ -22,14 +22,14 @@ from tests.integration.helpers import (
     RAW_COMMANDS,
     EchoServer,
     Proxy,
-    console_scripts,
     exchange,
     free_port,
+    proxy_commands,
     run_all_briefly,
     run_briefly,
     running,
 )
-from tests.vsocks import Vsock
+from tests.vsocks import Vsock, vsock_under_test
 
 MiB = 1 << 20
 
@@ -330,9 +330,9 @@ BAD_WHOLE_NUMBERS = ["nan", "inf", "-inf", "1e400"]  # and one above the option'
 
 
 def numeric_options() -> list[tuple[str, click.Option]]:
-    """(command, option) for every option of every console script that takes a number."""
+    """(command, option) for every option of every proxy's command that takes a number."""
     found = []
-    for name, command in sorted(console_scripts().items()):
+    for name, command in sorted(proxy_commands().items()):
         for param in command.params:
             if isinstance(param, click.Option) and isinstance(
                 param.type, click.types.FloatParamType | click.types.IntParamType
@@ -342,7 +342,7 @@ def numeric_options() -> list[tuple[str, click.Option]]:
 
 
 def test_every_command_has_a_valid_command_line() -> None:
-    assert sorted(VALID_FLAGS) == sorted(console_scripts())
+    assert sorted(VALID_FLAGS) == sorted(proxy_commands())
 
 
 def expected_range(kind: click.ParamType) -> str:
@@ -396,3 +396,30 @@ def test_dotted_numbers_that_are_not_ipv4_are_usage_errors(command: str, host: s
         f"Invalid value for '-i' / '--ip-addr': '{host}:80': invalid IPv4 address '{host}'"
         in result.stderr
     ), result.stderr
+
+
+def listen_backlog(path: str) -> int:
+    """The backlog of the Unix listener at `path` (ss shows it as a listener's Send-Q)."""
+    for line in subprocess.run(
+        ["ss", "-xlH"], capture_output=True, text=True, check=True
+    ).stdout.splitlines():
+        fields = line.split()
+        if fields[4] == path:
+            return int(fields[3])
+    raise AssertionError(f"no listener at {path}")
+
+
+def test_the_listen_backlog_is_the_kernels_largest_unless_set(
+    echo: EchoServer, tmp_path: Path
+) -> None:
+    """A vsock connect to a full backlog is refused: listeners take net.core.somaxconn, the
+    most the kernel allows, or --backlog N."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    with vsock_under_test() as vsock:
+        for args, expected in (([], somaxconn), (["--backlog", "16"], 16)):
+            with running(
+                "vsock-to-ip", "-v", "88:4000", "-i", f"127.0.0.1:{echo.port}", *args,
+                log_dir=tmp_path, env=vsock.env,
+            ) as proxy:  # fmt: skip
+                assert listen_backlog(vsock.path("88:4000")) == expected
+                assert f"listen backlog {expected})" in proxy.stdout

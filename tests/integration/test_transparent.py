@@ -297,6 +297,8 @@ def test_transparent_port_to_vsock_routes_by_original_port(
                 listen,
                 "-v",
                 str(vsock.cid),
+                "--connect-timeout",  # no listener on 9090: retried until then
+                "2",
                 log_dir=tmp_path,
                 env=plain_env,
             )

@@ -9,6 +9,7 @@ itself; the failure tests count each proxy's sockets before and after (`holding_
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import signal
 import socket
@@ -462,11 +463,14 @@ def test_silent_peers_and_a_silent_upstream_cost_only_the_idle_timeout(
 def test_no_vsock_listener_drops_the_flow_naming_the_address(
     vsock_link: Vsock, tmp_path: Path
 ) -> None:
-    port = free_udp_port()
+    """ECONNRESET may be a full backlog: the connect is tried again within the connect
+    timeout (counted), and the flow is dropped with a line saying so."""
+    port, metrics_port = free_udp_port(), free_port()
     with (
         steady_proxy(
             vsock_link, "udp-to-vsock", "-i", f"127.0.0.1:{port}", "-v",
-            vsock_link.address(5399), log_dir=tmp_path,
+            vsock_link.address(5399), "--connect-timeout", "1",
+            "--metrics", f"127.0.0.1:{metrics_port}", log_dir=tmp_path,
         ) as proxy,
         udp_client(timeout=1) as client,
     ):  # fmt: skip
@@ -474,11 +478,16 @@ def test_no_vsock_listener_drops_the_flow_naming_the_address(
         proxy.wait_for(
             f"Dropping flow from 127.0.0.1:{client.getsockname()[1]}: [Errno 104] failed to "
             f"connect to vsock endpoint {vsock_link.address(5399)}: nobody listens on vsock "
-            f"{vsock_link.address(5399)}, or its listen backlog is full (Connection reset by peer)",
+            f"{vsock_link.address(5399)}, or its listen backlog is full (Connection reset by peer)"
+            "; retried ",
             stream="stderr",
         )
         with pytest.raises(TimeoutError):
             client.recv(10)
+        retries = re.search(
+            r"^pf_proxy_udp_vsock_connect_retries_total (\d+)\.0$", scrape(metrics_port)[1], re.M
+        )
+        assert retries and int(retries.group(1)) > 5, retries
 
 
 @pytest.mark.vsock

@@ -33,6 +33,7 @@ SAMPLES: dict[str, object] = {
     "queue-num": 3,
     "device": "eth1",
     "ip-file": "/etc/enclave-ip.txt",
+    "backlog": 4096,
 }
 
 
@@ -105,8 +106,8 @@ GOOD = '[proxy.web]\nkind = "ip-to-vsock"\nip-addr = "127.0.0.1:8080"\nvsock-add
         (  # a wrong key
             GOOD + "colour = 1\n",
             ["f.toml:5: proxy.web.colour: not an option of ip-to-vsock (its options: "
-             "connect-timeout, drain-timeout, idle-timeout, ip-addr, metrics, vsock-addr, "
-             "vsock-buffer-size, workers)"],
+             "backlog, connect-timeout, drain-timeout, idle-timeout, ip-addr, metrics, "
+             "vsock-addr, vsock-buffer-size, workers)"],
         ),
         (  # a wrong type
             GOOD + "connect-timeout = \"10\"\n",

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from pf_proxy.cli.options import MAX_SECONDS, MIN_SECONDS, Seconds, WholeNumber
-from pf_proxy.kinds import KINDS
+from tests.integration.helpers import proxy_commands
 
-COMMANDS = {name: kind.command() for name, kind in KINDS.items()}  # the proxies' commands
+COMMANDS = proxy_commands()
 
 
 def test_the_range_is_a_year_down_to_a_millisecond() -> None:
@@ -39,8 +39,8 @@ def test_every_numeric_option_of_every_command_takes_a_checked_type() -> None:
                 numeric.append(param.name)
     # 5 TCP commands x 3 timeouts; 4 raw commands x (stats interval, drain timeout); 2 queues;
     # 2 UDP commands x (3 timeouts, stats interval); a vsock buffer size on all eleven;
-    # --workers on the 5 TCP commands
-    assert len(numeric) == 15 + 8 + 2 + 8 + 11 + 5
+    # --workers on the 5 TCP commands; --backlog on them and vsock-to-udp
+    assert len(numeric) == 15 + 8 + 2 + 8 + 11 + 5 + 6
 
 
 @pytest.mark.parametrize(
@@ -173,6 +173,11 @@ def test_defaults_pass_their_own_types() -> None:
             ["-q", "-1"],
             "Invalid value for '-q' / '--queue-num': '-1' is out of range (0<=NUM<=65535)",
         ),
+        (
+            "vsock-to-udp",
+            ["--backlog", "0"],
+            "Invalid value for '--backlog': '0' is out of range (1<=N<=2147483647)",
+        ),
     ],
 )
 def test_edges_through_the_commands(command: str, args: list[str], message: str) -> None:
@@ -188,6 +193,8 @@ def test_edges_through_the_commands(command: str, args: list[str], message: str)
         ("vsock-to-ip", ["--drain-timeout", "31536000", "--idle-timeout", "1e3"]),
         ("ip-to-vsock-raw-incoming", ["--stats-interval", "0", "--drain-timeout", "0", "-q", "0"]),
         ("ip-to-vsock-raw-incoming", ["-q", "65535"]),
+        ("ip-to-vsock", ["--backlog", "1", "-i", "127.0.0.1:1"]),
+        ("vsock-to-udp", ["--backlog", "2147483647", "-i", "127.0.0.1:1"]),
     ],
 )
 def test_the_ends_of_the_ranges_get_past_their_flags(command: str, args: list[str]) -> None:
@@ -206,3 +213,4 @@ def test_help_shows_the_ranges() -> None:
     assert "[default: 60.0; 0 or 0.001<=SECONDS<=31536000]" in result.output
     result = CliRunner().invoke(COMMANDS["vsock-to-ip"], ["--help"], terminal_width=200)
     assert "[default: 10.0; 0.001<=SECONDS<=31536000]" in result.output
+    assert "[default: (net.core.somaxconn); 1<=N<=2147483647]" in result.output

@@ -67,6 +67,7 @@ __all__ = [
     "Seconds",
     "VsockAddress",
     "WholeNumber",
+    "backlog_option",
     "command",
     "metrics_option",
     "timeouts",
@@ -302,6 +303,24 @@ def stats_interval_counting(what: str) -> Callable[[F], F]:
 
 
 stats_interval = stats_interval_counting("flow and datagram")
+
+
+MAX_BACKLOG = 2**31 - 1  # listen()'s int
+
+
+def backlog_option(func: F) -> F:
+    """--backlog N (an addition; the commands that accept streams). Default None: the
+    largest backlog the kernel allows."""
+    return click.option(
+        "--backlog",
+        type=WholeNumber(1, MAX_BACKLOG, metavar="N"),
+        default=None,
+        show_default="net.core.somaxconn",
+        metavar="N",
+        help="Listen backlog: connections the kernel queues until they are accepted. A "
+        "vsock connect to a full backlog is refused (and retried within --connect-timeout). "
+        "The kernel caps it at net.core.somaxconn.",
+    )(func)
 
 
 MAX_WORKERS = 128

@@ -16,6 +16,7 @@ from pf_proxy.cli.options import (
     NETWORK_RULE,
     VSOCK_ADDRESS,
     F,
+    backlog_option,
     command,
     metrics_option,
     run_command,
@@ -74,6 +75,7 @@ def _plan(
         connect_timeout=options["connect_timeout"],
         idle_timeout=options["idle_timeout"] or None,
         drain_timeout=options["drain_timeout"],
+        backlog=options["backlog"],
     )
     return engine.Plan(listen, make_route, settings)
 
@@ -91,6 +93,7 @@ def _plan(
 @vsock_buffer
 @metrics_option
 @workers_option
+@backlog_option
 def vsock_to_ip(**options: Any) -> None:
     run_command("vsock-to-ip", options)
 
@@ -110,6 +113,7 @@ def plan_vsock_to_ip(options: Options) -> Plan:
 @vsock_buffer
 @metrics_option
 @workers_option
+@backlog_option
 def ip_to_vsock(**options: Any) -> None:
     run_command("ip-to-vsock", options)
 
@@ -191,6 +195,7 @@ def policy_options(func: F) -> F:
 @vsock_buffer
 @metrics_option
 @workers_option
+@backlog_option
 def vsock_to_ip_transparent(**options: Any) -> None:
     run_command("vsock-to-ip-transparent", options)
 
@@ -244,6 +249,7 @@ def plan_vsock_to_ip_transparent(options: Options) -> Plan:
 @vsock_buffer
 @metrics_option
 @workers_option
+@backlog_option
 def ip_to_vsock_transparent(**options: Any) -> None:
     run_command("ip-to-vsock-transparent", options)
 
@@ -278,6 +284,7 @@ def plan_ip_to_vsock_transparent(options: Options) -> Plan:
 @vsock_buffer
 @metrics_option
 @workers_option
+@backlog_option
 def transparent_port_to_vsock(**options: Any) -> None:
     run_command("transparent-port-to-vsock", options)
 

@@ -10,6 +10,7 @@ from pf_proxy.cli.options import (
     IP_LISTEN_ADDRESS,
     IP_TARGET_ADDRESS,
     VSOCK_ADDRESS,
+    backlog_option,
     command,
     flow_timeouts,
     metrics_option,
@@ -21,11 +22,11 @@ from pf_proxy.endpoints import vsock_endpoint
 from pf_proxy.udp.engine import Settings, UdpToVsockPlan, VsockToUdpPlan
 
 Options = dict[str, Any]
-_SETTINGS = ("connect_timeout", "idle_timeout", "drain_timeout", "stats_interval")
+_SETTINGS = ("connect_timeout", "idle_timeout", "drain_timeout", "stats_interval", "backlog")
 
 
 def _settings(options: Options) -> Settings:
-    return Settings(**{name: options[name] for name in _SETTINGS})
+    return Settings(**{name: options[name] for name in _SETTINGS if name in options})
 
 
 @command(
@@ -84,6 +85,7 @@ def plan_udp_to_vsock(options: Options) -> UdpToVsockPlan:
 @stats_interval
 @vsock_buffer
 @metrics_option
+@backlog_option
 def vsock_to_udp(**options: Any) -> None:
     run_command("vsock-to-udp", options)
 

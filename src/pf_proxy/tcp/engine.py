@@ -6,6 +6,10 @@ connection is logged and closes that connection only. On SIGTERM or SIGINT the l
 closes, live connections get `drain_timeout` seconds to finish, the rest are closed, and
 `serve()` returns 0.
 
+An upstream connect that fails with an error that may pass (vsock's ECONNRESET: a full
+backlog, or no listener yet) is tried again on `endpoints.ConnectRetries`' schedule, by a
+timer, until the connect timeout would run out; only the failure that ends it is logged.
+
 A connection is driven by callbacks, not a task: on the common path (a route that answers at
 once, a connect that completes at once or in the relay's own epoll set) a task, its timeout
 and its futures were a sixth of a short connection's CPU time (benchmarks/cpucost.py). A route
@@ -22,6 +26,7 @@ overload is logged once, and once more when the listener has caught up.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import functools
 import inspect
@@ -32,7 +37,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pf_proxy import metrics
-from pf_proxy.endpoints import ConnectError, Endpoint, close_abortively
+from pf_proxy.endpoints import (
+    ConnectError,
+    ConnectRetries,
+    Endpoint,
+    close_abortively,
+    max_backlog,
+)
 from pf_proxy.runtime import Ready, Stop, connection_limit, open_file_limit
 from pf_proxy.tcp import metrics as tcp_metrics
 from pf_proxy.tcp.dstheader import HeaderError
@@ -73,7 +84,7 @@ class Settings:
     connect_timeout: float | None = 10.0
     idle_timeout: float | None = None
     drain_timeout: float = 5.0
-    backlog: int = 1024
+    backlog: int | None = None  # None: the largest the kernel allows (net.core.somaxconn)
 
 
 # What a route or a connect raises for one connection's own trouble: logged, that one closed.
@@ -108,10 +119,12 @@ class Connection:
         self.connect_seconds: float | None = None
         self.upstream_name = ""
         # One of these at a time: the task routing or connecting; the upstream socket whose
-        # connect is in progress, with its timer; the relay.
+        # connect is in progress, with its timer; the timer of the next try of a connect that
+        # failed (`retries`, made at the first failure); the relay.
         self.task: asyncio.Task[None] | None = None
         self.connecting: tuple[Upstream, socket.socket] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.retries: ConnectRetries | None = None
         self.relay: Relay | None = None
         self.ended = False
 
@@ -145,6 +158,9 @@ class Connection:
         """Connect without a task: at once, or waiting in the relay's epoll set."""
         try:
             connecting = upstream.endpoint.start_connect()
+        except ConnectError as exc:
+            self._connect_failed(upstream, exc)
+            return
         except OSError as exc:
             self._refused(exc)
             return
@@ -175,6 +191,10 @@ class Connection:
         upstream, sock = self.connecting
         try:
             upstream.endpoint.finish_connect(sock)
+        except ConnectError as exc:
+            self._give_up_connect()
+            self._connect_failed(upstream, exc)
+            return
         except OSError as exc:
             self._give_up_connect()
             self._refused(exc)
@@ -182,7 +202,29 @@ class Connection:
         self.connecting = None
         if self.timer is not None:
             self.timer.cancel()
+            self.timer = None
         self._connected(upstream, sock, events)
+
+    def _connect_failed(self, upstream: Upstream, exc: ConnectError) -> None:
+        """Try again after a while if the failure may pass and the connect timeout leaves
+        room; else the connection ends with the error (saying how often it was retried)."""
+        retries = self.retries
+        if retries is None:
+            retries = self.retries = ConnectRetries(self._deadline())
+        now = self.loop.time()
+        delay = retries.delay(exc, now)
+        if delay is None:
+            self._refused(retries.final(exc, now))
+        else:
+            self.timer = self.loop.call_later(delay, self._retry, upstream)
+
+    def _retry(self, upstream: Upstream) -> None:
+        self.timer = None
+        self._connect(upstream)
+
+    def _deadline(self) -> float | None:
+        timeout = self.settings.connect_timeout
+        return None if timeout is None else self.accepted + timeout
 
     def _connect_timed_out(self) -> None:
         self._give_up_connect()
@@ -195,6 +237,7 @@ class Connection:
         self.connecting = None
         if self.timer is not None:
             self.timer.cancel()
+            self.timer = None
         poller(self.loop).forget(sock.fileno())  # before close: the number may be reused
         close_abortively(sock)
 
@@ -203,7 +246,8 @@ class Connection:
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 upstream = routing if isinstance(routing, Upstream) else await routing
-                sock = await upstream.endpoint.connect()
+                self.retries = ConnectRetries(self._deadline())
+                sock = await upstream.endpoint.connect(self.retries)
         except TimeoutError:
             self._timed_out()
         except _ROUTE_ERRORS as exc:
@@ -269,6 +313,10 @@ class Connection:
         elif self.connecting is not None:
             self._give_up_connect()
             self._closed_at_drain()
+        elif self.timer is not None:  # waiting to try the connect again
+            self.timer.cancel()
+            self.timer = None
+            self._closed_at_drain()
 
     # --- the ends before a relay: the inbound socket is closed here ----------------------
 
@@ -298,6 +346,8 @@ class Connection:
     def _end(self, ended: Ended) -> None:
         if not self.ended:
             self.ended = True
+            if self.retries is not None and self.retries.count:
+                ended = dataclasses.replace(ended, connect_retries=self.retries.count)
             self.on_end(self, ended)
 
 
@@ -473,9 +523,10 @@ async def serve(
         )
     )
     log.info(
-        "Accepting up to %d connections at once (open file limit %d)",
+        "Accepting up to %d connections at once (open file limit %d, listen backlog %d)",
         listener.max_connections,
         open_files,
+        max_backlog() if settings.backlog is None else settings.backlog,
     )
     listener.start()
     log.info("Listening on: %s", listen)

@@ -46,6 +46,7 @@ class Ended:
     to_upstream: int = 0  # bytes relayed from the client to the upstream
     to_client: int = 0  # and back
     connect_seconds: float | None = None  # accept to upstream connected, if it got that far
+    connect_retries: int = 0  # upstream connects tried again (endpoints.ConnectRetries)
 
 
 @dataclass
@@ -57,11 +58,13 @@ class TcpStats:
     connect_buckets: list[int] = field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
     connect_sum: float = 0.0
     pauses: Counter[str] = field(default_factory=Counter)  # "connection_limit", "descriptors"
+    connect_retries: int = 0
 
     def end(self, ended: Ended) -> None:
         self.ended[ended.outcome] += 1
         self.to_upstream += ended.to_upstream
         self.to_client += ended.to_client
+        self.connect_retries += ended.connect_retries
         if ended.connect_seconds is not None:
             self.connect_buckets[bisect_left(CONNECT_BUCKETS, ended.connect_seconds)] += 1
             self.connect_sum += ended.connect_seconds
@@ -110,6 +113,12 @@ def source(
             "receiver, reading the destination header included).",
             buckets=buckets,
             sum_value=stats.connect_sum,
+        )
+        yield CounterMetricFamily(
+            "pf_proxy_tcp_upstream_connect_retries",
+            "Upstream connects tried again after a failure that may pass (vsock's ECONNRESET: "
+            "a full listen backlog, or no listener yet), counted when a connection ends.",
+            value=stats.connect_retries,
         )
         pauses = CounterMetricFamily(
             "pf_proxy_tcp_listener_pauses",

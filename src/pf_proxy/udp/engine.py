@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pf_proxy import metrics
-from pf_proxy.endpoints import IpAddress, VsockEndpoint
+from pf_proxy.endpoints import ConnectRetries, IpAddress, VsockEndpoint
 from pf_proxy.runtime import Ready, Stop, connection_limit, open_file_limit
 from pf_proxy.udp import metrics as udp_metrics
 from pf_proxy.udp.flows import (
@@ -56,6 +56,7 @@ class Settings:
     idle_timeout: float = 30.0  # 0: flows end only at the cap, on a failure or at the peer's close
     drain_timeout: float = 5.0
     stats_interval: float = 60.0
+    backlog: int | None = None  # vsock-to-udp's listener; None: net.core.somaxconn
 
 
 def _flow_limit(fds_per_flow: int) -> tuple[int, int]:
@@ -123,9 +124,12 @@ class UdpToVsock:
             self._open_flow(client).send_frame(memoryview(frames))
 
     async def _connect(self, flow: ClientFlow) -> None:
+        # A refused connect (a full backlog, no listener yet) is tried again until just
+        # before the connect timeout; the timeout itself bounds a connect that hangs.
+        retries = ConnectRetries(self.loop.time() + self.connect_timeout)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                stream = await self.upstream.connect()
+                stream = await self.upstream.connect(retries)
         except TimeoutError:
             flow.connecting = None
             flow.fail(
@@ -137,6 +141,8 @@ class UdpToVsock:
             flow.connecting = None
             flow.fail(str(exc))  # names the vsock address and what the error means there
             return
+        finally:
+            self.table.counters.connect_retries += retries.count
         flow.connecting = None
         if flow.closed:  # idle or evicted while connecting (the task was cancelled too late)
             stream.close()
@@ -355,7 +361,7 @@ class VsockToUdpPlan:
     settings: Settings
 
     def bind(self, count: int) -> list[socket.socket]:
-        return [self.listen.listen()]
+        return [self.listen.listen(self.settings.backlog)]
 
     async def serve(self, sock: socket.socket | None, stop: Stop, ready: Ready) -> int:
         assert sock is not None

@@ -99,6 +99,7 @@ class Counters:
     bytes_from_stream: int = 0
     dropped_stream_full: int = 0  # the vsock stream was slow: held back too much already
     dropped_udp: int = 0  # the UDP socket refused one (full, too large, unreachable)
+    connect_retries: int = 0  # vsock connects tried again (endpoints.ConnectRetries)
     closed: Counter[str] = field(default_factory=Counter)  # by CLOSE_REASONS
 
     def snapshot(self) -> tuple[object, ...]:
@@ -120,6 +121,8 @@ class Counters:
             text += f", {self.closed[FLOW_LIMIT]} closed at the flow limit"
         if self.closed[REOPENED]:
             text += f", {self.closed[REOPENED]} reopened (closed by the peer under a datagram)"
+        if self.connect_retries:
+            text += f", {self.connect_retries} vsock connects retried"
         return text
 
 

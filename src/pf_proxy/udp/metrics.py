@@ -70,6 +70,12 @@ def source(table: FlowTable) -> Source:
         dropped.add_metric(["vsock_stream_slow"], counters.dropped_stream_full)
         dropped.add_metric(["udp_refused"], counters.dropped_udp)
         yield dropped
+        yield CounterMetricFamily(
+            "pf_proxy_udp_vsock_connect_retries",
+            "New flows' vsock connects tried again after a failure that may pass "
+            "(ECONNRESET: a full listen backlog, or no listener yet).",
+            value=counters.connect_retries,
+        )
         yield GaugeMetricFamily(
             "pf_proxy_udp_held_bytes",
             "Bytes of frames held back for vsock streams that could not take them yet.",
