@@ -1,4 +1,5 @@
-"""The five pf-proxy commands: flags in, one call to the engine out."""
+"""The TCP commands (the five pf-proxy ones, and vsock-to-ip-proxy): flags in, one call to the
+engine out."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from pf_proxy.cli.options import (
     IP_TARGET_ADDRESS,
     NETWORK_RULE,
     VSOCK_ADDRESS,
+    Seconds,
     command,
     metrics_option,
+    proxy_timeouts,
     timeouts,
     vsock_buffer,
     workers_option,
@@ -65,7 +68,7 @@ def _run(
     make_route: Callable[[], routes.Route],
     forward: str,
     backward: str,
-    connect_timeout: float,
+    connect_timeout: float | None,
     idle_timeout: float,
     drain_timeout: float,
     metrics_address: IpAddress | None,
@@ -233,6 +236,68 @@ def vsock_to_ip_transparent(
 
     listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
     _run(listen, make_route, "vsock to ip", "ip to vsock", **options)
+
+
+@command(
+    "Explicit proxy from vsock to IP: each vsock stream starts with an HTTP CONNECT or SOCKS5 "
+    "request (told apart by its first byte) for a host and port. The name is resolved on this "
+    "host; the name, the port and each address it resolves to are checked against the policy "
+    "(--allow, --deny, --deny-private, --allow-host), and only allowed addresses are dialled. "
+    "The client is answered once the connect is done: 200 or SOCKS5 success; 403 or 'not "
+    "allowed by ruleset'; 502 or 'host unreachable' / 'connection refused'; 504 or 'TTL "
+    "expired'. Plain-HTTP forward requests (GET http://...) are refused with 501. See "
+    "docs/deployments/explicit-proxy.md."
+)
+@click.option(
+    "-v",
+    "--vsock-addr",
+    required=True,
+    type=VSOCK_ADDRESS,
+    help="vsock address of the listener, open to the enclave's ip-to-vsock <cid:port>, "
+    "e.g. 3:1080",
+)
+@policy_options
+@click.option(
+    "--request-timeout",
+    type=Seconds(zero=False),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Close a connection whose request (the CONNECT head, or SOCKS5's greeting and "
+    "request) is not whole within this long; over HTTP it is answered 408.",
+)
+@proxy_timeouts
+@vsock_buffer
+@metrics_option
+@workers_option
+def vsock_to_ip_proxy(
+    vsock_addr: VsockAddress,
+    allow: tuple[NetworkRule, ...],
+    deny: tuple[NetworkRule, ...],
+    deny_private: bool,
+    allow_hosts: tuple[HostPattern, ...],
+    request_timeout: float,
+    vsock_buffer_size: int,
+    **options: Any,
+) -> None:
+    policy = AccessPolicy(allow, deny, allow_hosts, deny_private)
+    connect_timeout: float = options.pop("connect_timeout")
+    from pf_proxy.tcp.resolver import ResolverCache  # dnspython: imported where needed
+
+    try:
+        resolver = ResolverCache.from_system(connect_timeout / 2)
+    except ResolveError as exc:
+        raise click.ClickException(f"requested names are resolved on this host: {exc}") from None
+
+    def make_route() -> routes.Route:
+        log.info("Destinations: %s", policy.describe("the name in the request"))
+        log.info("Names resolved with: %s", ", ".join(resolver.nameservers))
+        return routes.explicit(policy, resolver.addresses, request_timeout, connect_timeout)
+
+    listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
+    # No engine timeout around the route: it bounds the request, the lookup and the connect
+    # itself, to answer the client for each.
+    _run(listen, make_route, "vsock to ip", "ip to vsock", None, **options)
 
 
 @command(
