@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SYSTEM_PACKAGES := iptables ipset iproute2 socat iperf3 curl prometheus python3-venv \
-	qemu-system-x86 busybox-static cpio kmod dnsmasq bind9-dnsutils dnsperf openssl
+	qemu-system-x86 busybox-static cpio kmod dnsmasq bind9-dnsutils dnsperf openssl tinyproxy
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: test test-guest demo bench bench-guest system-packages lint clean
