@@ -213,8 +213,9 @@ def explicit(
                 decided = await policy.judge_request(
                     target.host, target.address, target.port, lookup
                 )
+                connected = None
                 if decided.verdict.allowed:
-                    sock, address = await _connect_first(decided.addresses, target.port)
+                    connected = await _connect_first(decided.addresses, target.port)
         except ResolveError as exc:
             await _answer(inbound, answer(protocol, Outcome.UNRESOLVED, f"cannot resolve {target}"))
             raise RequestFailed(f"{asked}: {exc}", NAME_UNRESOLVED) from None
@@ -228,11 +229,12 @@ def explicit(
             await _answer(inbound, answer(protocol, outcome, f"connecting to {target}: {error}"))
             raise ConnectError(exc.errno, f"{asked}: {exc.strerror}") from None
         verdict = decided.verdict
-        if not verdict.allowed:
+        if connected is None:
             why = f"{target} is not allowed by this proxy's egress policy"
             await _answer(inbound, answer(protocol, Outcome.DENIED, why))
             reason = f": {verdict.reason}" if verdict.reason else ""
             raise DeniedDestination(f"{asked} denied by {verdict.rule}{reason}")
+        sock, address = connected
         try:
             host, port = sock.getsockname()[:2]
             reply = answer(protocol, Outcome.CONNECTED, bound=(ipaddress.ip_address(host), port))
