@@ -15,7 +15,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SYSTEM_PACKAGES := iptables ipset iproute2 socat iperf3 curl prometheus python3-venv \
 	qemu-system-x86 busybox-static cpio kmod dnsmasq bind9-dnsutils dnsperf openssl \
-	groff-base man-db
+	groff-base man-db tinyproxy
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: test test-guest demo bench bench-guest system-packages lint docs man clean

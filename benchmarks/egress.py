@@ -67,7 +67,9 @@ def _loadgen(*args: str) -> list[str]:
 
 
 @contextmanager
-def _namespaces(workdir: Path) -> Iterator[tuple[Netns, Netns]]:
+def namespaces(workdir: Path) -> Iterator[tuple[Netns, Netns]]:
+    """The enclave (REDIRECT of SERVER) and the host (the echo server at SERVER:PORT, dnsmasq
+    answering NAME -> SERVER, resolv.conf pointing at it); also used by benchmarks/explicit.py."""
     with ExitStack() as stack:
         enclave = stack.enter_context(netns("pfp-bench-egress-enclave"))
         host = stack.enter_context(netns("pfp-bench-egress-host"))
@@ -134,7 +136,7 @@ def measure(seconds: float = 3.0, runs: int = 3) -> Result:
         head = f"GET / HTTP/1.1\r\nHost: {NAME}\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
         requests["http"].write_bytes(head.encode())
         requests["tls"].write_bytes(client_hello(NAME))
-        with _namespaces(workdir) as (enclave, host):
+        with namespaces(workdir) as (enclave, host):
             dns_log = next(workdir.glob("dnsmasq-*.log"))
             for run in range(runs):
                 for setup in SETUPS:

@@ -6,7 +6,9 @@
     python -m benchmarks.loadgen hold --port P --connections N
 
 Every mode takes --address (default 127.0.0.1); rate takes --request-file, the bytes each
-connection sends (and waits to have echoed), e.g. an HTTP request head or a TLS ClientHello.
+connection sends (and waits to have echoed), e.g. an HTTP request head or a TLS ClientHello,
+and --connect-to HOST:PORT, which makes each connection ask the proxy at --address and --port
+for a tunnel there first (HTTP CONNECT, waiting for its 200).
 
 Clients print one JSON object on stdout. Everything runs on uvloop with asyncio protocols
 (no streams), so that the client costs less than the proxies it measures; the benchmark
@@ -29,6 +31,7 @@ import uvloop
 
 HOST = "127.0.0.1"
 REQUEST = b"q" * 64
+CONNECT_TO: str | None = None  # rate: HTTP CONNECT to this HOST:PORT first
 GRACE = 30.0  # seconds a client may run past its duration before it gives up
 
 
@@ -64,12 +67,29 @@ class _OneRequest(asyncio.Protocol):
     def __init__(self, done: asyncio.Future[bool]) -> None:
         self.done = done
         self.received = 0
+        self.in_tunnel = CONNECT_TO is None  # else: the proxy's answer to CONNECT comes first
+        self.answer = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        self.transport.write(REQUEST)
+        if self.in_tunnel:
+            self.transport.write(REQUEST)
+        else:
+            target = CONNECT_TO
+            self.transport.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_tunnel:
+            self.answer += data
+            end = self.answer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if not self.answer.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+                self.transport.close()  # connection_lost counts it as failed
+                return
+            self.in_tunnel = True
+            data = self.answer[end + 4 :]
+            self.transport.write(REQUEST)
         self.received += len(data)
         if self.received >= len(REQUEST):
             self.transport.close()
@@ -210,7 +230,7 @@ async def hold(port: int, connections: int) -> dict[str, int]:
 
 
 def main() -> None:
-    global HOST, REQUEST  # set once from the command line, before anything runs
+    global HOST, REQUEST, CONNECT_TO  # set once from the command line, before anything runs
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loadgen")
     parser.add_argument("mode", choices=["echo", "rate", "pingpong", "hold"])
     parser.add_argument("--port", type=int, required=True)
@@ -224,8 +244,10 @@ def main() -> None:
     parser.add_argument(
         "--request-file", help="rate: send this file's bytes as the request (default 64 x 'q')"
     )
+    parser.add_argument("--connect-to", help="rate: HTTP CONNECT to this HOST:PORT first")
     args = parser.parse_args()
     HOST = args.address
+    CONNECT_TO = args.connect_to
     if args.request_file:
         with open(args.request_file, "rb") as request:
             REQUEST = request.read()

@@ -1,5 +1,6 @@
-"""The eleven kinds of proxy: for each, the click command that defines its options (for flags
-and files alike) and the plan function that turns a spec into something to run.
+"""The kinds of proxy (the eleven commands and vsock-to-ip-proxy): for each, the click command
+that defines its options (for flags and files alike) and the plan function that turns a spec
+into something to run.
 
 A kind's module is imported only when a spec of that kind is checked or run, so a process
 pays in memory only for the planes it serves.
@@ -48,6 +49,7 @@ KINDS = {
         Kind("vsock-to-ip-transparent", _TCP, "tcp", "vsock", "vsock_addr"),
         Kind("ip-to-vsock-transparent", _TCP, "tcp", "tcp", "ip_addr"),
         Kind("transparent-port-to-vsock", _TCP, "tcp", "tcp", "ip_addr"),
+        Kind("vsock-to-ip-proxy", _TCP, "tcp", "vsock", "vsock_addr"),
         Kind("ip-to-vsock-raw-incoming", _RAW, "raw", "nfqueue", "queue_num"),
         Kind("ip-to-vsock-raw-outgoing", _RAW, "raw", "nfqueue", "queue_num"),
         Kind("vsock-to-ip-raw-incoming", _RAW, "raw", "vsock", "vsock_addr"),

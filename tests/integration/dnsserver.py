@@ -93,7 +93,10 @@ def dnsmasq(
         # No quotes: on its command line dnsmasq would keep them as part of each string.
         assert not any("," in text for text in strings), "a TXT string with a comma"
         args.append(f"--txt-record={name},{','.join(strings)}")
-    process = ns.popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Not a pipe: in the foreground dnsmasq logs every query to stderr too, and an unread pipe
+    # fills after a few hundred queries and stops it.
+    with open(stem.with_suffix(".err"), "wb") as errors:
+        process = ns.popen(args, stdout=subprocess.DEVNULL, stderr=errors)
     server = DnsServer(ns, address, port, process, hosts_file, log_path)
     try:
         _wait_until_answering(server)
@@ -106,8 +109,6 @@ def dnsmasq(
         except subprocess.TimeoutExpired:
             os.kill(process.pid, signal.SIGKILL)
             process.wait(10)
-        if process.stderr is not None:
-            process.stderr.close()
 
 
 def _wait_until_answering(server: DnsServer, timeout: float = 15) -> None:
@@ -115,7 +116,7 @@ def _wait_until_answering(server: DnsServer, timeout: float = 15) -> None:
     at = f"@{server.address}"
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            err = server.process.stderr.read().decode() if server.process.stderr else ""
+            err = server.log_path.with_suffix(".err").read_text(errors="replace")
             raise RuntimeError(f"dnsmasq exited {server.process.returncode}: {err}")
         probe = server.ns.run(
             "dig", at, "-p", str(server.port), "+time=1", "+tries=1", "+short",

@@ -14,11 +14,14 @@
   (`curl --resolve NAME:443:ADDRESS`), exactly what an enclave's client may lie about.
 
 The three namespaces are linked to each other and to nothing else (asserted, as in tuna.py).
+`network()` builds them without the pair or the enclave's redirects, for other proxies
+(test_explicit_proxy.py).
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,7 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.integration.dnsserver import DnsServer, dnsmasq
-from tests.integration.namespaced import WAIT, NsProxy, enclave_namespace, proxy, redirect
+from tests.integration.namespaced import (
+    WAIT,
+    NsProxy,
+    enclave_namespace,
+    in_netns,
+    proxy,
+    redirect,
+)
 from tests.integration.tuna import assert_isolated
 from tests.netns import Netns, netns, veth
 from tests.vsocks import Vsock
@@ -48,6 +58,20 @@ NAMES = {
     "notexample.com": SERVERS[2],
     "moving.example.com": SERVERS[1],
 }
+
+
+@dataclass
+class Network:
+    """The three namespaces, the servers, the CA their certificate is signed by, dnsmasq."""
+
+    enclave: Netns
+    host: Netns
+    internet: Netns
+    log_dir: Path
+    ca: Path
+    cert: Path
+    key: Path
+    dns: DnsServer
 
 
 @dataclass
@@ -76,6 +100,29 @@ class World:
         return self.dns.log.count(f"query[{kind}] {name} from {HOST}")
 
 
+class Listener:
+    """A listener in `ns` nothing may reach: counts what connected."""
+
+    def __init__(self, ns: Netns, address: str, port: int) -> None:
+        def make() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address, port))
+            sock.listen(16)
+            sock.setblocking(False)
+            return sock
+
+        self.sock = in_netns(ns, make)
+
+    def was_connected(self) -> bool:
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return False
+        conn.close()
+        return True
+
+
 def _certificate(directory: Path) -> tuple[Path, Path, Path]:
     """A CA and a server certificate for every name in NAMES, signed by it."""
     ca_key, ca = directory / "ca.key", directory / "ca.pem"
@@ -102,7 +149,7 @@ def _certificate(directory: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
-def _wait_listening(ns: Netns, address: str, port: int) -> None:
+def wait_listening(ns: Netns, address: str, port: int) -> None:
     deadline = time.monotonic() + WAIT
     while f"{address}:{port} " not in ns.run("ss", "-Hltn").stdout:
         if time.monotonic() > deadline:
@@ -128,8 +175,8 @@ def _servers(internet: Netns, log_dir: Path, cert: Path, key: Path) -> None:
         )  # fmt: skip
         output.close()
     for address in SERVERS:
-        _wait_listening(internet, address, 443)
-        _wait_listening(internet, address, 80)
+        wait_listening(internet, address, 443)
+        wait_listening(internet, address, 80)
 
 
 @contextmanager
@@ -145,15 +192,15 @@ def resolv_conf(ns: Netns, text: str) -> Iterator[Path]:
 
 
 @contextmanager
-def world(
-    vsock: Vsock, log_dir: Path, *flags: str, ttl: int = 60, names: dict[str, str] = NAMES
-) -> Iterator[World]:
-    """Build the three namespaces, the servers, dnsmasq and the pair; `flags` go to
-    vsock-to-ip-transparent."""
+def network(
+    log_dir: Path, *, ttl: int = 60, names: dict[str, str] = NAMES, prefix: str = "pfp-egress"
+) -> Iterator[Network]:
+    """The namespaces (the enclave with only lo, no redirect yet), the servers and dnsmasq,
+    with the host resolving through it; no proxies."""
     with ExitStack() as stack:
-        enclave = stack.enter_context(netns("pfp-egress-enclave"))
-        host = stack.enter_context(netns("pfp-egress-host"))
-        internet = stack.enter_context(netns("pfp-egress-inet"))
+        enclave = stack.enter_context(netns(f"{prefix}-enclave"))
+        host = stack.enter_context(netns(f"{prefix}-host"))
+        internet = stack.enter_context(netns(f"{prefix}-inet"))
         veth(host, "eth0", internet, "eth0")
         host.run("ip", "addr", "add", f"{HOST}/24", "dev", "eth0")
         host.run("ip", "route", "add", SERVER_RANGE, "via", INTERNET)
@@ -162,8 +209,6 @@ def world(
         for address in SERVERS:
             internet.run("ip", "addr", "add", f"{address}/32", "dev", "lo")
         enclave_namespace(enclave)
-        redirect(enclave, SERVER_RANGE)
-        redirect(enclave, METADATA)
         assert_isolated(
             {"enclave": enclave, "host": host, "internet": internet},
             {"enclave": {"lo"}, "host": {"lo", "eth0"}, "internet": {"lo", "eth0"}},
@@ -174,17 +219,32 @@ def world(
         hosts = {name: [address] for name, address in names.items()}
         dns = stack.enter_context(dnsmasq(internet, INTERNET, log_dir, hosts=hosts, ttl=ttl))
         stack.enter_context(resolv_conf(host, f"nameserver {INTERNET}\n"))
+        yield Network(enclave, host, internet, log_dir, ca, cert, key, dns)
+
+
+@contextmanager
+def world(
+    vsock: Vsock, log_dir: Path, *flags: str, ttl: int = 60, names: dict[str, str] = NAMES
+) -> Iterator[World]:
+    """Build the three namespaces, the servers, dnsmasq and the pair; `flags` go to
+    vsock-to-ip-transparent."""
+    with ExitStack() as stack:
+        net = stack.enter_context(network(log_dir, ttl=ttl, names=names))
+        redirect(net.enclave, SERVER_RANGE)
+        redirect(net.enclave, METADATA)
         env = vsock.env
         inner = stack.enter_context(
             proxy(
-                host, "vsock-to-ip-transparent", "-v", vsock.listen_address(1200), *flags,
+                net.host, "vsock-to-ip-transparent", "-v", vsock.listen_address(1200), *flags,
                 log_dir=log_dir, env=env,
             )
         )  # fmt: skip
         outer = stack.enter_context(
             proxy(
-                enclave, "ip-to-vsock-transparent", "-i", "127.0.0.1:1200",
+                net.enclave, "ip-to-vsock-transparent", "-i", "127.0.0.1:1200",
                 "-v", vsock.address(1200), log_dir=log_dir, env=env,
             )
         )  # fmt: skip
-        yield World(enclave, host, internet, vsock, log_dir, ca, dns, inner, outer)
+        yield World(
+            net.enclave, net.host, net.internet, vsock, log_dir, net.ca, net.dns, inner, outer
+        )

@@ -164,14 +164,19 @@ def test_example_run_files_pass_pf_proxy_check(path: Path) -> None:
         assert done.stdout.splitlines()[-1].endswith(" no errors"), done.stdout
 
 
-def test_transparent_unit_denies_the_metadata_service() -> None:
-    service = parse_unit(CONTRIB / "systemd" / "vsock-to-ip-transparent.service")["Service"]
+def unit_policy(unit: str) -> AccessPolicy:
+    """The egress policy a unit's command line sets up; it must have --deny-private."""
+    service = parse_unit(CONTRIB / "systemd" / unit)["Service"]
     _, ctx = parse_command_line(service["ExecStart"][0])
     params = ctx.params
     assert params["deny_private"]
-    policy = AccessPolicy(
+    return AccessPolicy(
         params["allow"], params["deny"], params["allow_hosts"], params["deny_private"]
     )
+
+
+def test_transparent_unit_denies_the_metadata_service() -> None:
+    policy = unit_policy("vsock-to-ip-transparent.service")
     for denied in (
         "169.254.169.254",
         "fd00:ec2::254",
@@ -185,6 +190,15 @@ def test_transparent_unit_denies_the_metadata_service() -> None:
     ):
         assert not policy.permits(parse_cidr(denied).network_address, 443), denied
     assert policy.permits(parse_cidr("93.184.216.34").network_address, 443)
+
+
+def test_explicit_proxy_unit_denies_the_metadata_service_and_allows_names_on_443() -> None:
+    policy = unit_policy("vsock-to-ip-proxy.service")
+    for denied in ("169.254.169.254", "fd00:ec2::254", "2002:a9fe:a9fe::", "10.0.0.2"):
+        assert not policy.permits(parse_cidr(denied).network_address, 443), denied
+    assert policy.pattern_for("kms.us-east-1.amazonaws.com", 443) is not None
+    assert policy.pattern_for("bucket.s3.us-east-1.amazonaws.com", 443) is not None
+    assert policy.pattern_for("bucket.s3.us-east-1.amazonaws.com", 80) is None
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
@@ -234,3 +248,13 @@ def test_supervisord_runs_every_command_with_valid_flags() -> None:
 def test_supervisord_transparent_host_side_denies_private_ranges() -> None:
     _, ctx = parse_command_line(supervisord_programs()["vsock-to-ip-transparent"]["command"])
     assert ctx.params["deny_private"]
+
+
+def test_supervisord_explicit_proxy_pair() -> None:
+    """The enclave's ip-to-vsock for the explicit proxy reaches the host's vsock-to-ip-proxy."""
+    programs = supervisord_programs()
+    _, enclave = parse_command_line(programs["ip-to-vsock-proxy"]["command"])
+    _, host = parse_command_line(programs["vsock-to-ip-proxy"]["command"])
+    assert str(enclave.params["ip_addr"]) == "127.0.0.1:3128"
+    assert enclave.params["vsock_addr"] == host.params["vsock_addr"]
+    assert host.params["deny_private"]

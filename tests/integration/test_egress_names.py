@@ -11,17 +11,15 @@ and http.server's own logs).
 from __future__ import annotations
 
 import ipaddress
-import socket
 import ssl
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.egress import METADATA, NAMES, SERVERS, World, world
+from tests.integration.egress import METADATA, NAMES, SERVERS, Listener, World, world
 from tests.integration.helpers import Proxy, wait_until
-from tests.integration.namespaced import WAIT, closed_without_data, in_netns, tcp_socket_in
-from tests.netns import Netns
+from tests.integration.namespaced import WAIT, closed_without_data, tcp_socket_in
 from tests.vsocks import Vsock
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -58,29 +56,6 @@ def server_hits(w: World, address: str) -> int:
 def assert_curl_denied(result: object, w: World, address: str, before: int) -> None:
     assert getattr(result, "returncode", 0) != 0, result
     assert server_hits(w, address) == before
-
-
-class Listener:
-    """A listener in `ns` nothing may reach: counts what connected."""
-
-    def __init__(self, ns: Netns, address: str, port: int) -> None:
-        def make() -> socket.socket:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((address, port))
-            sock.listen(16)
-            sock.setblocking(False)
-            return sock
-
-        self.sock = in_netns(ns, make)
-
-    def was_connected(self) -> bool:
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
-            return False
-        conn.close()
-        return True
 
 
 def header(address: str, port: int) -> bytes:

@@ -291,10 +291,11 @@ def test_usage_errors_exit_2_naming_the_flag(args: list[str], flag: str) -> None
         *RAW_COMMANDS,
         "udp-to-vsock",
         "vsock-to-udp",
+        "vsock-to-ip-proxy",
     ],
 )
 def test_help_and_version(command: str) -> None:
-    """Every one of the eleven commands (the raw and UDP ones too)."""
+    """Every one of the twelve commands (the raw and UDP ones too)."""
     for flag in ("-h", "--help"):
         result = run_briefly(command, flag)
         assert result.returncode == 0
@@ -322,6 +323,7 @@ VALID_FLAGS = {
     "vsock-to-ip-raw-outgoing": {"--vsock-addr": "3:1200"},
     "udp-to-vsock": {"--ip-addr": "127.0.0.1:5353", "--vsock-addr": "3:53"},
     "vsock-to-udp": {"--vsock-addr": "3:53", "--ip-addr": "127.0.0.1:53"},
+    "vsock-to-ip-proxy": {"--vsock-addr": "3:3128"},
 }
 # NaN, the infinities (1e400 is one too, to float()) and a huge number; the other edges of
 # the ranges are tested in-process in tests/unit/test_options.py, on the same commands.

@@ -18,6 +18,7 @@ from pf_proxy.tcp.access import (
     IpAddress,
     Lookup,
     NetworkRule,
+    RequestVerdict,
     ResolveError,
     Verdict,
     embedded_ipv4,
@@ -822,3 +823,133 @@ def test_describe_names_ports_in_brackets_for_ipv6() -> None:
         "(TLS server_name or HTTP Host, where the destination is an address the name resolves "
         "to): *.s3.amazonaws.com:443; everything else denied"
     )
+
+
+# --- the explicit proxy's requests: a name (or an address) and a port -----------------------
+
+
+def request(
+    p: AccessPolicy, host: str, port: int, answers: dict[str, list[str]], calls: list[str]
+) -> RequestVerdict:
+    try:
+        address: IpAddress | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    return asyncio.run(p.judge_request(host, address, port, lookup_of(answers, calls)))
+
+
+MIXED = {
+    "api.example.com": ["2606:2800::1", "93.184.216.34", "93.184.216.33"],
+    "metadata.example.com": ["169.254.169.254"],
+    "inside.example.com": ["10.0.0.5", "169.254.169.254", "fd00:ec2::254"],
+    "half.example.com": ["169.254.169.254", "93.184.216.40"],
+    "gone.example.com": [],
+}
+
+
+def test_a_requested_name_that_matches_is_resolved_and_only_allowed_addresses_kept() -> None:
+    calls: list[str] = []
+    p = hosts_policy("*.example.com:443", deny_private=True)
+    decided = request(p, "api.example.com", 443, MIXED, calls)
+    assert decided == RequestVerdict(
+        Verdict(
+            True,
+            "--allow-host *.example.com:443",
+            "api.example.com resolves to 93.184.216.33, 93.184.216.34, 2606:2800::1",
+            "api.example.com",
+        ),
+        tuple(map(ip, ["93.184.216.33", "93.184.216.34", "2606:2800::1"])),  # IPv4 first
+    )
+    half = request(p, "half.example.com", 443, MIXED, calls)
+    assert half.addresses == (ip("93.184.216.40"),)  # the metadata address is never dialled
+    assert half.verdict.reason == (
+        "half.example.com resolves to 93.184.216.40, and to denied 169.254.169.254 by "
+        "--deny-private 169.254.0.0/16"
+    )
+    assert calls == ["api.example.com", "half.example.com"]
+
+
+def test_a_requested_name_whose_addresses_are_all_denied() -> None:
+    p = hosts_policy("*.example.com", deny_private=True)
+    one = request(p, "metadata.example.com", 80, MIXED, [])
+    assert one == RequestVerdict(
+        Verdict(
+            False,
+            "--deny-private 169.254.0.0/16",
+            "metadata.example.com resolves to 169.254.169.254",
+            "metadata.example.com",
+        )
+    )
+    several = request(p, "inside.example.com", 80, MIXED, [])
+    assert not several.verdict.allowed and several.addresses == ()
+    assert several.verdict.reason == (
+        "every address of inside.example.com is denied: 10.0.0.5 by --deny-private 10.0.0.0/8; "
+        "169.254.169.254 by --deny-private 169.254.0.0/16; fd00:ec2::254 by --deny-private "
+        "fc00::/7"
+    )
+
+
+def test_a_requested_name_no_pattern_allows_is_denied_without_a_lookup() -> None:
+    """The enclave cannot make the host resolve names no rule allows (a DNS channel out)."""
+    calls: list[str] = []
+    p = hosts_policy("api.example.com:443")
+    name = "secret-data.attacker.example"
+    assert request(p, name, 443, MIXED, calls) == RequestVerdict(
+        Verdict(False, "--allow-host", "the name matches no pattern", name)
+    )
+    assert request(p, "api.example.com", 80, MIXED, calls) == RequestVerdict(
+        Verdict(
+            False,
+            "--allow-host",
+            "the name matches api.example.com:443, not on port 80",
+            "api.example.com",
+        )
+    )
+    assert calls == []
+
+
+def test_a_requested_name_without_patterns_is_judged_by_its_addresses() -> None:
+    calls: list[str] = []
+    by_address = AccessPolicy(allow=rules("93.184.216.0/24:443"))
+    decided = request(by_address, "api.example.com", 443, MIXED, calls)
+    assert decided.verdict.rule == "--allow 93.184.216.0/24:443"
+    assert decided.addresses == (ip("93.184.216.33"), ip("93.184.216.34"))
+    assert not request(by_address, "api.example.com", 80, MIXED, calls).verdict.allowed
+    default = request(AccessPolicy(), "api.example.com", 8080, MIXED, calls)
+    assert default.verdict.rule == "default" and len(default.addresses) == 3
+    # with patterns and --allow networks, a name no pattern matches may still get in by address
+    both = hosts_policy("other.example.net", allow=rules("93.184.216.34"))
+    mixed = request(both, "api.example.com", 443, MIXED, calls)
+    assert mixed.addresses == (ip("93.184.216.34"),)
+    assert mixed.verdict.reason.endswith(
+        "and to denied 93.184.216.33 by --allow-host (the name matches no pattern); "
+        "2606:2800::1 by --allow-host (the name matches no pattern)"
+    )
+
+
+def test_a_requested_address_is_judged_as_an_address() -> None:
+    calls: list[str] = []
+    p = hosts_policy("api.example.com", allow=rules("44.1.2.0/24:22"), deny_private=True)
+    assert request(p, "93.184.216.34", 443, MIXED, calls) == RequestVerdict(
+        Verdict(
+            False,
+            "--allow-host",
+            "an address was asked for, not a name, and the address is in no --allow network",
+        )
+    )
+    allowed = request(p, "44.1.2.7", 22, MIXED, calls)
+    assert allowed == RequestVerdict(Verdict(True, "--allow 44.1.2.0/24:22"), (ip("44.1.2.7"),))
+    assert request(p, "2002:a9fe:a9fe::", 443, MIXED, calls).verdict == Verdict(
+        False,
+        "--deny-private 169.254.0.0/16",
+        "2002:a9fe:a9fe:: is the 6to4 form of 169.254.169.254",
+    )
+    assert calls == []
+
+
+def test_a_requested_name_that_does_not_resolve() -> None:
+    p = hosts_policy("*.example.com")
+    with pytest.raises(ResolveError, match=r"gone\.example\.com has no address"):
+        request(p, "gone.example.com", 443, MIXED, [])
+    with pytest.raises(ResolveError, match="SERVFAIL"):
+        request(p, "unknown.example.com", 443, MIXED, [])

@@ -34,6 +34,7 @@ SAMPLES: dict[str, object] = {
     "device": "eth1",
     "ip-file": "/etc/enclave-ip.txt",
     "backlog": 4096,
+    "request-timeout": 7,
 }
 
 
@@ -136,9 +137,9 @@ GOOD = '[proxy.web]\nkind = "ip-to-vsock"\nip-addr = "127.0.0.1:8080"\nvsock-add
             '[proxy.x]\nkind = "ip-to-vsok"\n',
             ["f.toml:2: proxy.x.kind: unknown kind 'ip-to-vsok' (one of: vsock-to-ip, "
              "ip-to-vsock, vsock-to-ip-transparent, ip-to-vsock-transparent, "
-             "transparent-port-to-vsock, ip-to-vsock-raw-incoming, ip-to-vsock-raw-outgoing, "
-             "vsock-to-ip-raw-incoming, vsock-to-ip-raw-outgoing, udp-to-vsock, "
-             "vsock-to-udp)"],
+             "transparent-port-to-vsock, vsock-to-ip-proxy, ip-to-vsock-raw-incoming, "
+             "ip-to-vsock-raw-outgoing, vsock-to-ip-raw-incoming, vsock-to-ip-raw-outgoing, "
+             "udp-to-vsock, vsock-to-udp)"],
         ),
         (  # not TOML
             "[proxy.x\nkind = 1\n",

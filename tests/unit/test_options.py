@@ -27,7 +27,7 @@ def test_the_range_is_a_year_down_to_a_millisecond() -> None:
 def test_every_numeric_option_of_every_command_takes_a_checked_type() -> None:
     """A command added later with click.FLOAT or a bare FloatRange (which take NaN) fails
     here: timeouts and intervals take Seconds, integers WholeNumber."""
-    assert len(COMMANDS) == 11, sorted(COMMANDS)  # pf-proxy run's kinds
+    assert len(COMMANDS) == 12, sorted(COMMANDS)  # pf-proxy run's kinds
     numeric = []
     for name, command in COMMANDS.items():
         for param in command.params:
@@ -37,10 +37,11 @@ def test_every_numeric_option_of_every_command_takes_a_checked_type() -> None:
             elif isinstance(param.type, click.types.IntParamType):
                 assert isinstance(param.type, WholeNumber), (name, param.name, param.type)
                 numeric.append(param.name)
-    # 5 TCP commands x 3 timeouts; 4 raw commands x (stats interval, drain timeout); 2 queues;
-    # 2 UDP commands x (3 timeouts, stats interval); a vsock buffer size on all eleven;
-    # --workers on the 5 TCP commands; --backlog on them and vsock-to-udp
-    assert len(numeric) == 15 + 8 + 2 + 8 + 11 + 5 + 6
+    # 6 TCP commands x 3 timeouts, and vsock-to-ip-proxy's --request-timeout; 4 raw commands
+    # x (stats interval, drain timeout); 2 queues; 2 UDP commands x (3 timeouts, stats
+    # interval); a vsock buffer size on all twelve; --workers on the 6 TCP commands;
+    # --backlog on them and vsock-to-udp
+    assert len(numeric) == 18 + 1 + 8 + 2 + 8 + 12 + 6 + 7
 
 
 @pytest.mark.parametrize(
@@ -139,7 +140,7 @@ def test_defaults_pass_their_own_types() -> None:
                 checked += 1
     # every timeout and interval, the vsock buffer size and --workers; the queue numbers
     # are required
-    assert checked == 15 + 8 + 8 + 11 + 5
+    assert checked == 18 + 1 + 8 + 8 + 12 + 6
 
 
 @pytest.mark.parametrize(

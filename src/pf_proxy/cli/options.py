@@ -224,6 +224,14 @@ timeouts = _timeout_options(
     "Close a connection with no traffic either way for this long (0: never).",
     "On SIGTERM/SIGINT, let open connections finish for up to this long.",
 )
+# vsock-to-ip-proxy's: its upstream is named by the client's request, and the name resolved.
+proxy_timeouts = _timeout_options(
+    "Give up on the upstream (resolving the requested name, at most half of this, and "
+    "connecting) after this; the client is answered 504, or SOCKS5's 'TTL expired'.",
+    0.0,
+    "Close a connection with no traffic either way for this long (0: never).",
+    "On SIGTERM/SIGINT, let open connections finish for up to this long.",
+)
 # The UDP commands', whose flows have no end of their own: idleness ends them.
 flow_timeouts = _timeout_options(
     "Give up on a new flow's upstream (a vsock connect, or resolving the host name) after "

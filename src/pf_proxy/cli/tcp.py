@@ -1,4 +1,5 @@
-"""The five pf-proxy commands: flags in, one call to the engine out."""
+"""The TCP commands (the five pf-proxy ones, and vsock-to-ip-proxy): flags in, one call to the
+engine out."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from pf_proxy.cli.options import (
     NETWORK_RULE,
     VSOCK_ADDRESS,
     F,
+    Seconds,
     backlog_option,
     command,
     metrics_option,
+    proxy_timeouts,
     run_command,
     timeouts,
     vsock_buffer,
@@ -65,14 +68,18 @@ def _plan(
     forward: str,
     backward: str,
     options: Options,
+    *,
+    engine_timeout: bool = True,
 ) -> Plan:
-    """A TCP proxy's plan: the listener, the route, and the settings from its options."""
+    """A TCP proxy's plan: the listener, the route, and the settings from its options
+    (`engine_timeout`: the engine bounds routing and connecting by --connect-timeout; a
+    route that answers the client for each step bounds them itself)."""
     from pf_proxy.tcp import engine
 
     settings = engine.Settings(
         forward=forward,
         backward=backward,
-        connect_timeout=options["connect_timeout"],
+        connect_timeout=options["connect_timeout"] if engine_timeout else None,
         idle_timeout=options["idle_timeout"] or None,
         drain_timeout=options["drain_timeout"],
         backlog=options["backlog"],
@@ -230,6 +237,69 @@ def plan_vsock_to_ip_transparent(options: Options) -> Plan:
 
     listen = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
     return _plan(listen, make_route, "vsock to ip", "ip to vsock", options)
+
+
+@command(
+    "Explicit proxy from vsock to IP: each vsock stream starts with an HTTP CONNECT or SOCKS5 "
+    "request (told apart by its first byte) for a host and port. The name is resolved on this "
+    "host; the name, the port and each address it resolves to are checked against the policy "
+    "(--allow, --deny, --deny-private, --allow-host), and only allowed addresses are dialled. "
+    "The client is answered once the connect is done: 200 or SOCKS5 success; 403 or 'not "
+    "allowed by ruleset'; 502 or 'host unreachable' / 'connection refused'; 504 or 'TTL "
+    "expired'. Plain-HTTP forward requests (GET http://...) are refused with 501. See "
+    "docs/deployments/explicit-proxy.md."
+)
+@click.option(
+    "-v",
+    "--vsock-addr",
+    required=True,
+    type=VSOCK_ADDRESS,
+    help="vsock address of the listener, open to the enclave's ip-to-vsock <cid:port>, "
+    "e.g. 3:1080",
+)
+@policy_options
+@click.option(
+    "--request-timeout",
+    type=Seconds(zero=False),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Close a connection whose request (the CONNECT head, or SOCKS5's greeting and "
+    "request) is not whole within this long; over HTTP it is answered 408.",
+)
+@proxy_timeouts
+@vsock_buffer
+@metrics_option
+@workers_option
+@backlog_option
+def vsock_to_ip_proxy(**options: Any) -> None:
+    run_command("vsock-to-ip-proxy", options)
+
+
+def plan_vsock_to_ip_proxy(options: Options) -> Plan:
+    from pf_proxy.tcp import routes
+    from pf_proxy.tcp.access import AccessPolicy, ResolveError
+    from pf_proxy.tcp.resolver import ResolverCache  # dnspython: imported where needed
+
+    policy = AccessPolicy(
+        options["allow"], options["deny"], options["allow_hosts"], options["deny_private"]
+    )
+    connect_timeout: float = options["connect_timeout"]
+    request_timeout: float = options["request_timeout"]
+    try:
+        resolver = ResolverCache.from_system(connect_timeout / 2)
+    except ResolveError as exc:
+        raise PlanError(f"requested names are resolved on this host: {exc}") from None
+
+    def make_route() -> Route:
+        log.info("Destinations: %s", policy.describe("the name in the request"))
+        log.info("Names resolved with: %s", ", ".join(resolver.nameservers))
+        return routes.explicit(policy, resolver.addresses, request_timeout, connect_timeout)
+
+    listen = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    # No engine timeout around the route: it bounds the request, the lookup and the connect
+    # itself, to answer the client for each.
+    return _plan(listen, make_route, "vsock to ip", "ip to vsock", options, engine_timeout=False)
 
 
 @command(

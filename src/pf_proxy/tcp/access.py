@@ -1,5 +1,6 @@
-"""What `vsock-to-ip-transparent` may connect to: --allow/--deny networks, --deny-private and
---allow-host names (pure; the name check's DNS lookups are the caller's, see `resolver`).
+"""What `vsock-to-ip-transparent` and `vsock-to-ip-proxy` may connect to: --allow/--deny
+networks, --deny-private and --allow-host names (pure; the name check's DNS lookups are the
+caller's, see `resolver`).
 
 The enclave names the destination, so without a policy it can make the host connect anywhere
 the host can reach, including the instance metadata service (169.254.169.254) that hands out
@@ -14,6 +15,11 @@ the host's credentials. The rules, in order:
    without a name is denied;
 4. otherwise: denied if any --allow or --allow-host was given, allowed if none was (the
    originals' behaviour).
+
+The explicit proxy (`judge_request`) is told the name itself, by the client's CONNECT or
+SOCKS5 request: the name and port are checked against the patterns, every address the name
+resolves to on the host against the rules above, and only the allowed addresses are dialled.
+An address in the request is judged as an address; with --allow-host, it needs an --allow.
 
 Every rule may name a port (`10.0.0.0/8:443`, `[2001:db8::/32]:443`, `api.example.com:443`)
 and then applies to that port only; a rule without a port applies to every port, as before
@@ -315,6 +321,15 @@ class ResolveError(Exception):
 
 
 @dataclass(frozen=True)
+class RequestVerdict:
+    """The decision on an explicit proxy's request: allowed or not (and by which rule, for
+    which reason), and the addresses it may be connected to, in the order to try them."""
+
+    verdict: Verdict
+    addresses: tuple[IpAddress, ...] = ()
+
+
+@dataclass(frozen=True)
 class AccessPolicy:
     """--allow, --deny, --deny-private and --allow-host, applied as the module docstring says."""
 
@@ -447,6 +462,58 @@ class AccessPolicy:
         shown = ", ".join(sorted(map(str, addresses), key=_address_order)) or "no address"
         return Verdict(False, rule, f"{host} resolves to {shown}, not to {address}", host)
 
+    async def judge_request(
+        self, host: str, address: IpAddress | None, port: int, lookup: Lookup
+    ) -> RequestVerdict:
+        """The verdict on a request for `host` (a lowercase host name; or `address`, when the
+        client named one) on `port`. A name is looked up only if some rule could allow it, so
+        the client cannot make this host resolve names no rule allows; each address it
+        resolves to is judged as a destination, and a pattern the name and port match
+        decides for those the address rules leave open. `ResolveError` when the lookup fails
+        or finds no address."""
+        if address is not None:
+            verdict = self.judge_address(address, port)
+            if verdict is None:
+                verdict = Verdict(
+                    False,
+                    "--allow-host",
+                    "an address was asked for, not a name, and "
+                    + self._allow_miss(_unmapped_address(address), port),
+                )
+            return RequestVerdict(verdict, (address,) if verdict.allowed else ())
+        pattern = self.pattern_for(host, port)
+        if pattern is None and self.allow_hosts and not self.allow:
+            denied = Verdict(False, "--allow-host", self._no_pattern(host, port), host)
+            return RequestVerdict(denied)
+        found = await lookup(host)
+        if not found:
+            raise ResolveError(f"{host} has no address")
+        allowed: list[tuple[IpAddress, Verdict]] = []
+        denials: list[tuple[IpAddress, Verdict]] = []
+        for candidate in sorted(found, key=_ipv4_first):
+            verdict = self.judge_address(candidate, port)
+            if verdict is None:  # the name decides: it resolves to this address by definition
+                if pattern is None:
+                    verdict = Verdict(False, "--allow-host", self._no_pattern(host, port))
+                else:
+                    verdict = Verdict(True, f"--allow-host {pattern}")
+            (allowed if verdict.allowed else denials).append((candidate, verdict))
+        each_denial = "; ".join(_denied_address(a, v) for a, v in denials)
+        if allowed:
+            reason = f"{host} resolves to {', '.join(str(a) for a, _ in allowed)}"
+            if denials:
+                reason += f", and to denied {each_denial}"
+            verdict = Verdict(True, allowed[0][1].rule, reason, host)
+            return RequestVerdict(verdict, tuple(a for a, _ in allowed))
+        if len(denials) == 1:
+            ((only, verdict),) = denials
+            why = f"; {verdict.reason}" if verdict.reason else ""
+            return RequestVerdict(
+                Verdict(False, verdict.rule, f"{host} resolves to {only}{why}", host)
+            )
+        reason = f"every address of {host} is denied: {each_denial}"
+        return RequestVerdict(Verdict(False, denials[0][1].rule, reason, host))
+
     def _no_pattern(self, host: str, port: int) -> str:
         """Why no pattern allows `host` on `port`, for the log."""
         named = [str(p) for patterns in self._patterns_by_nearness(host) for p in patterns]
@@ -454,9 +521,14 @@ class AccessPolicy:
             return f"the name matches {', '.join(named)}, not on port {port}"
         return "the name matches no pattern"
 
-    def describe(self) -> str:
+    def describe(
+        self,
+        names: str = "TLS server_name or HTTP Host, where the destination is an address the "
+        "name resolves to",
+    ) -> str:
         """The whole policy in one line for the start-up log, e.g. "denied: 169.254.0.0/16;
-        everything else allowed"."""
+        everything else allowed"; `names` says where the names --allow-host judges come
+        from."""
         parts = []
         if self.deny_private:
             parts.append(
@@ -470,10 +542,7 @@ class AccessPolicy:
         if self.allow:
             parts.append("allowed: " + ", ".join(map(str, self.allow)))
         if self.allow_hosts:
-            parts.append(
-                "allowed by name (TLS server_name or HTTP Host, where the destination is an "
-                "address the name resolves to): " + ", ".join(map(str, self.allow_hosts))
-            )
+            parts.append(f"allowed by name ({names}): " + ", ".join(map(str, self.allow_hosts)))
         if self.allow or self.allow_hosts:
             parts.append("everything else denied")
         else:
@@ -489,3 +558,11 @@ def unmapped_addresses(addresses: Iterable[IpAddress]) -> ResolvedAddresses:
 
 def _address_order(text: str) -> tuple[int, str]:
     return (":" in text, text)
+
+
+def _ipv4_first(address: IpAddress) -> tuple[int, int]:
+    return (address.version, int(address))
+
+
+def _denied_address(address: IpAddress, verdict: Verdict) -> str:
+    return f"{address} by {verdict.rule}" + (f" ({verdict.reason})" if verdict.reason else "")

@@ -1,4 +1,4 @@
-"""The one engine behind the five pf-proxy commands.
+"""The one engine behind the TCP commands (the five pf-proxy ones and vsock-to-ip-proxy).
 
 `serve()` opens the listener and accepts connections; each is a `Connection`: ask the route
 where it goes, connect there, relay (the route's first bytes go first). A failure in one
@@ -63,7 +63,7 @@ from pf_proxy.tcp.metrics import (
 )
 from pf_proxy.tcp.origdst import OriginalDestinationError
 from pf_proxy.tcp.relay import Relay, poller, release_poller
-from pf_proxy.tcp.routes import DeniedDestination, Route, Upstream
+from pf_proxy.tcp.routes import DeniedDestination, RequestFailed, Route, Upstream
 
 log = logging.getLogger("pf_proxy")
 
@@ -88,7 +88,7 @@ class Settings:
 
 
 # What a route or a connect raises for one connection's own trouble: logged, that one closed.
-_ROUTE_ERRORS = (OSError, HeaderError, DeniedDestination)
+_ROUTE_ERRORS = (OSError, HeaderError, DeniedDestination, RequestFailed)
 # A connect in progress is over (done or failed) when one of these comes.
 _CONNECT_OVER = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
@@ -276,6 +276,7 @@ class Connection:
                 f"{settings.forward} IO copy done, from {a} to {b}{detail}",
                 f"{settings.backward} IO copy done, from {b} to {a}{detail}",
                 first_bytes=upstream.first_bytes,
+                first_bytes_back=upstream.first_bytes_back,
                 idle_timeout=settings.idle_timeout,
                 loop=self.loop,
             )
@@ -492,6 +493,8 @@ async def handle_connection(
 
 
 def _route_outcome(exc: BaseException) -> str:
+    if isinstance(exc, RequestFailed):
+        return exc.outcome
     if isinstance(exc, ConnectError):
         return UPSTREAM_CONNECT_FAILED
     if isinstance(exc, OriginalDestinationError):

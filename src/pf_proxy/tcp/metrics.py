@@ -29,9 +29,14 @@ ROUTE_FAILED = "route_failed"  # any other failure before relaying
 IDLE_TIMEOUT = "idle_timeout"  # no traffic for --idle-timeout
 RELAY_FAILED = "relay_failed"  # a reset, a broken pipe ... while relaying
 CLOSED_AT_DRAIN = "closed_at_drain"  # still open when the drain timeout ran out
+# vsock-to-ip-proxy's own, each answered to the client (400 ..., 501 ..., 502 / SOCKS codes)
+BAD_REQUEST = "bad_request"  # a malformed, cut, over-long or too slow CONNECT or SOCKS5 request
+UNSUPPORTED_REQUEST = "unsupported_request"  # a plain-HTTP forward, SOCKS BIND, an auth method
+NAME_UNRESOLVED = "name_unresolved"  # the requested name has no address, or lookup failed
 OUTCOMES = (
     COMPLETED, UPSTREAM_CONNECT_FAILED, CONNECT_TIMEOUT, NO_ORIGINAL_DESTINATION, BAD_HEADER,
-    DENIED, ROUTE_FAILED, IDLE_TIMEOUT, RELAY_FAILED, CLOSED_AT_DRAIN,
+    DENIED, ROUTE_FAILED, IDLE_TIMEOUT, RELAY_FAILED, CLOSED_AT_DRAIN, BAD_REQUEST,
+    UNSUPPORTED_REQUEST, NAME_UNRESOLVED,
 )  # fmt: skip
 
 # Upper bounds of the upstream connect time's histogram buckets, in seconds.

@@ -460,7 +460,8 @@ class Relay:
     """Both directions between `inbound` and `upstream`, from `start()` until both are done.
 
     `forward_done` and `backward_done` are the log lines for EOF inbound->upstream and
-    upstream->inbound; `first_bytes` are written upstream before anything read inbound.
+    upstream->inbound; `first_bytes` are written upstream before anything read inbound, and
+    `first_bytes_back` inbound before anything read upstream.
     When the relay ends, both sockets are closed (reset, after a failure) and `on_done` is
     called once, with None or with what failed: an OSError, a TimeoutError (idle timeout),
     or CancelledError (`abort`).
@@ -474,6 +475,7 @@ class Relay:
         backward_done: str,
         *,
         first_bytes: bytes = b"",
+        first_bytes_back: bytes = b"",
         use_splice: bool | None = None,
         idle_timeout: float | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
@@ -485,8 +487,11 @@ class Relay:
         forward = _CopyPump(self, inbound, upstream, forward_done)
         if first_bytes:
             forward.hold(first_bytes)
+        backward = _CopyPump(self, upstream, inbound, backward_done)
+        if first_bytes_back:
+            backward.hold(first_bytes_back)
         # Each pump moves to splice when its reads grow (SPLICE_FROM).
-        self.pumps: list[_Pump] = [forward, _CopyPump(self, upstream, inbound, backward_done)]
+        self.pumps: list[_Pump] = [forward, backward]
         self.idle_timeout = idle_timeout
         self.last_activity = self.loop.time()
         self.ended = False

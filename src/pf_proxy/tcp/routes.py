@@ -4,16 +4,27 @@ A route takes the accepted socket and returns the upstream to connect to, plus a
 write to it before relaying. Everything else (accepting, connecting, timeouts, relaying,
 logging) is the engine's. A route that needs nothing from the stream answers at once; one
 that reads the stream first (the destination header) is a coroutine function.
+
+The explicit proxy's route (`explicit`) is the one exception to "the engine connects": its
+client waits for an answer that depends on how the connect went (200 or 502, SOCKS success
+or "connection refused"), so the route connects itself, answers failures, and hands the
+engine a `Connected` upstream with the success reply to write first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pf_proxy.endpoints import (
+    ConnectError,
+    Connecting,
+    ConnectRetries,
     Endpoint,
     IpAddress,
     IpEndpoint,
@@ -21,7 +32,7 @@ from pf_proxy.endpoints import (
     peer_close_is_eof,
 )
 from pf_proxy.runtime import info
-from pf_proxy.tcp.access import AccessPolicy, Lookup, Verdict
+from pf_proxy.tcp.access import AccessPolicy, Lookup, ResolveError, Verdict
 from pf_proxy.tcp.dstheader import (
     Destination,
     HeaderError,
@@ -29,16 +40,47 @@ from pf_proxy.tcp.dstheader import (
     encode_destination,
     header_size,
 )
+from pf_proxy.tcp.explicit import (
+    Continue,
+    Outcome,
+    Refusal,
+    Request,
+    RequestReader,
+    answer,
+)
+from pf_proxy.tcp.metrics import BAD_REQUEST, CONNECT_TIMEOUT, NAME_UNRESOLVED, UNSUPPORTED_REQUEST
 from pf_proxy.tcp.origdst import original_destination
 from pf_proxy.tcp.sniff import MAX_SNIFF_BYTES, Name, NeedMore, NoName, Sniffer
 
 
+class Connected:
+    """An upstream the route connected itself (see the module docstring), as an endpoint
+    whose connect is done."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+    def start_connect(self) -> Connecting:
+        return Connecting(self.sock, True)
+
+    async def connect(self, retries: ConnectRetries | None = None) -> socket.socket:
+        return self.sock
+
+    def finish_connect(self, sock: socket.socket) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class Upstream:
-    endpoint: Endpoint
+    endpoint: Endpoint | Connected
     name: str
     first_bytes: bytes = b""
     detail: str = ""  # appended to the copy-done log lines
+    first_bytes_back: bytes = b""  # written to the client before anything from upstream
 
 
 Route = Callable[[socket.socket], Upstream | Awaitable[Upstream]]
@@ -47,6 +89,15 @@ Route = Callable[[socket.socket], Upstream | Awaitable[Upstream]]
 class DeniedDestination(Exception):
     """The policy denies the destination named by the peer; the message names the address,
     the stream's host name if one was read, and the rule that decided."""
+
+
+class RequestFailed(Exception):
+    """The explicit proxy ended a request, and told the client why; `outcome` is how the
+    connection counts (tcp.metrics)."""
+
+    def __init__(self, message: str, outcome: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 ALLOW_EVERYTHING = AccessPolicy()  # the originals' behaviour
@@ -141,6 +192,126 @@ def to_original_port(template: VsockEndpoint) -> Route:
         return Upstream(endpoint, str(endpoint))
 
     return route
+
+
+def explicit(
+    policy: AccessPolicy, lookup: Lookup, request_timeout: float, connect_timeout: float
+) -> Route:
+    """vsock-to-ip-proxy: read an HTTP CONNECT or SOCKS5 request (within `request_timeout`),
+    judge the name and port it asks for and each address the name resolves to (`lookup`),
+    connect to the first allowed address that answers (lookup and connect within
+    `connect_timeout`), and answer the client: the success reply as the relay's first bytes
+    back, or a failure's answer before the connection is closed."""
+
+    async def route(inbound: socket.socket) -> Upstream:
+        request = await read_proxy_request(inbound, request_timeout)
+        protocol, target = request.protocol, request.target
+        asked = f"{protocol} {target}"
+        if request.send_first:
+            await _answer(inbound, request.send_first)
+        try:
+            async with asyncio.timeout(connect_timeout):
+                decided = await policy.judge_request(
+                    target.host, target.address, target.port, lookup
+                )
+                connected = None
+                if decided.verdict.allowed:
+                    connected = await _connect_first(decided.addresses, target.port)
+        except ResolveError as exc:
+            await _answer(inbound, answer(protocol, Outcome.UNRESOLVED, f"cannot resolve {target}"))
+            raise RequestFailed(f"{asked}: {exc}", NAME_UNRESOLVED) from None
+        except TimeoutError:
+            why = f"no connection to {target} within {connect_timeout:g} s"
+            await _answer(inbound, answer(protocol, Outcome.TIMED_OUT, why))
+            raise RequestFailed(f"{asked}: {why} (connect timeout)", CONNECT_TIMEOUT) from None
+        except ConnectError as exc:
+            outcome = _CONNECT_OUTCOMES.get(exc.errno or 0, Outcome.FAILED)
+            error = os.strerror(exc.errno) if exc.errno else "failed"
+            await _answer(inbound, answer(protocol, outcome, f"connecting to {target}: {error}"))
+            raise ConnectError(exc.errno, f"{asked}: {exc.strerror}") from None
+        verdict = decided.verdict
+        if connected is None:
+            why = f"{target} is not allowed by this proxy's egress policy"
+            await _answer(inbound, answer(protocol, Outcome.DENIED, why))
+            reason = f": {verdict.reason}" if verdict.reason else ""
+            raise DeniedDestination(f"{asked} denied by {verdict.rule}{reason}")
+        sock, address = connected
+        try:
+            host, port = sock.getsockname()[:2]
+            reply = answer(protocol, Outcome.CONNECTED, bound=(ipaddress.ip_address(host), port))
+        except BaseException:
+            sock.close()
+            raise
+        info(f"Proxying to: {address} ({asked}, allowed by {verdict.rule})")
+        return Upstream(
+            Connected(sock, address),
+            address,
+            first_bytes=request.rest,
+            detail=f", for {asked}",
+            first_bytes_back=reply,
+        )
+
+    return route
+
+
+# What a failed upstream connect is called in the client's answer.
+_CONNECT_OUTCOMES = {
+    errno.ECONNREFUSED: Outcome.REFUSED,
+    errno.EHOSTUNREACH: Outcome.HOST_UNREACHABLE,
+    errno.ENETUNREACH: Outcome.NETWORK_UNREACHABLE,
+    errno.ETIMEDOUT: Outcome.TIMED_OUT,
+}
+# How long a failure's answer may take to write: a few hundred bytes into a socket that holds
+# nothing else go at once, unless the client stopped reading; such a client is not waited for.
+ANSWER_TIMEOUT = 5.0
+
+
+async def read_proxy_request(sock: socket.socket, timeout: float) -> Request:
+    """Read an explicit proxy request (see `explicit.RequestReader`), writing what the
+    protocol wants written on the way (SOCKS5's method reply); a request that is malformed,
+    not offered, cut or not whole within `timeout` is answered and `RequestFailed`."""
+    loop = asyncio.get_running_loop()
+    reader = RequestReader()
+    try:
+        async with asyncio.timeout(timeout):
+            step = reader.feed(b"")
+            while isinstance(step, Continue):
+                if step.send:
+                    await loop.sock_sendall(sock, step.send)
+                chunk = await _recv(sock, reader.room)
+                step = reader.feed(chunk) if chunk else reader.end()
+    except TimeoutError:
+        step = reader.timed_out(timeout)
+    if isinstance(step, Refusal):
+        if step.answer:
+            await _answer(sock, step.answer)
+        outcome = UNSUPPORTED_REQUEST if step.unsupported else BAD_REQUEST
+        raise RequestFailed(f"proxy request refused: {step.reason}", outcome)
+    return step
+
+
+async def _connect_first(
+    addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...], port: int
+) -> tuple[socket.socket, str]:
+    """Connect to the first of `addresses` that accepts, in order; the last failure's
+    `ConnectError` if none does."""
+    failure = ConnectError(errno.EHOSTUNREACH, "no address to connect to")
+    for address in addresses:
+        endpoint = IpEndpoint(IpAddress(str(address), port))
+        try:
+            return await endpoint.connect(), str(endpoint)
+        except ConnectError as exc:
+            failure = exc
+    raise failure
+
+
+async def _answer(sock: socket.socket, data: bytes) -> None:
+    """Write a request's answer, giving up on a client that does not take it."""
+    try:
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            await asyncio.get_running_loop().sock_sendall(sock, data)
+    except (OSError, TimeoutError):
+        pass
 
 
 async def read_destination_header(sock: socket.socket) -> Destination:

@@ -52,9 +52,13 @@ _EXTENSION_HEADER = struct.Struct(">HH")  # extension_type, extension_data lengt
 
 # HTTP/1.x (RFC 9110, 9112)
 _MAX_METHOD = 20
-_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/1\.[0-9]")
-_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\x20-\x7e\x80-\xff\t]*?)[ \t]*")
+TOKEN_CHARS = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)  # RFC 9110 tchar: the bytes an HTTP method and a header name are made of
+REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/1\.[0-9]")
+HEADER_FIELD = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\x20-\x7e\x80-\xff\t]*?)[ \t]*"
+)
 _ABSOLUTE_URI = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)")
 
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -125,7 +129,7 @@ class Sniffer:
             result = NEED_MORE
         elif data[0] == _HANDSHAKE_RECORD:
             result = _sniff_tls(data)
-        elif data[0] in _TCHAR:
+        elif data[0] in TOKEN_CHARS:
             result = self._sniff_http_so_far()
         else:
             result = NoName(f"neither TLS nor HTTP (first byte 0x{data[0]:02x})")
@@ -145,14 +149,11 @@ class Sniffer:
         bare CR or LF, the end of the request line, the end of the head), so that a head fed
         a byte at a time costs what one fed whole does; parsed once, when its end is in."""
         data = self.data
-        if not self._method_checked:  # within the first _MAX_METHOD + 1 bytes: bounded
-            space = data.find(b" ", 0, _MAX_METHOD + 1)
-            if space < 0:
-                head = data[: _MAX_METHOD + 1]
-                if len(head) <= _MAX_METHOD and all(byte in _TCHAR for byte in head):
-                    return NEED_MORE
-                return NoName("neither TLS nor HTTP")
-            if not all(byte in _TCHAR for byte in data[:space]):
+        if not self._method_checked:
+            method = starts_like_http(data)
+            if method is None:
+                return NEED_MORE
+            if not method:
                 return NoName("neither TLS nor HTTP")
             self._method_checked = True
         start = self._checked
@@ -165,10 +166,23 @@ class Sniffer:
         if not self._request_line_checked:
             first_line_end = data.find(b"\r\n", max(0, start - 1))
             if first_line_end >= 0:
-                if _REQUEST_LINE.fullmatch(data, 0, first_line_end) is None:
+                if REQUEST_LINE.fullmatch(data, 0, first_line_end) is None:
                     return NoName("not an HTTP/1.x request line")
                 self._request_line_checked = True
         return NEED_MORE
+
+
+def starts_like_http(data: bytes | bytearray) -> bool | None:
+    """Whether `data` starts as an HTTP/1.x request does, with a method (token characters,
+    at most 20) and a space: True, False, or None while too few bytes are in to tell. Looks
+    at the first 21 bytes at most."""
+    space = data.find(b" ", 0, _MAX_METHOD + 1)
+    if space < 0:
+        head = data[: _MAX_METHOD + 1]
+        if len(head) <= _MAX_METHOD and all(byte in TOKEN_CHARS for byte in head):
+            return None
+        return False
+    return all(byte in TOKEN_CHARS for byte in data[:space])
 
 
 def valid_host_name(text: str) -> str | None:
@@ -332,7 +346,7 @@ def _sniff_http(head: bytes) -> Sniffed:
     lines = head.split(b"\r\n")
     if any(b"\r" in line or b"\n" in line for line in lines):
         return NoName("HTTP request with a bare LF or CR")
-    request = _REQUEST_LINE.fullmatch(lines[0])
+    request = REQUEST_LINE.fullmatch(lines[0])
     if request is None:
         if lines[0].startswith(b"PRI * HTTP/2.0"):
             return NoName("HTTP/2 with prior knowledge, which has no Host header")
@@ -342,7 +356,7 @@ def _sniff_http(head: bytes) -> Sniffed:
         return NoName("an HTTP CONNECT request, which names its own destination")
     hosts = []
     for line in lines[1:]:
-        field = _FIELD.fullmatch(line)
+        field = HEADER_FIELD.fullmatch(line)
         if field is None:
             return NoName("malformed HTTP header line")
         if field.group(1).lower() == b"host":
