@@ -12,8 +12,10 @@ of either side (pure).
     # listen = "0.0.0.0:8443"; target = "127.0.0.1:8443"; vsock-port = 5443; name = "web"
 
     [egress]                     # the enclave's outgoing TCP, checked on the parent
-    mode = "transparent"         # iptables REDIRECT in the enclave, the destination header
-    ports = [80, 443]            # which destination ports are redirected
+    mode = "transparent"         # iptables REDIRECT in the enclave, the destination header;
+                                 # or "proxy": HTTPS_PROXY / ALL_PROXY=socks5h:// to
+                                 # 127.0.0.1:1080, vsock-to-ip-proxy on the parent
+    ports = [80, 443]            # which destination ports are redirected (transparent)
     allow = ["*.amazonaws.com:443", { address = "api.example.com", port = 443 }, "10.1.0.0/16"]
     deny = ["10.1.2.0/24"]
     deny-private = true          # the default: never the metadata service, loopback, RFC 1918
@@ -90,7 +92,7 @@ _SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     },
     "egress": {
         "mode": ((str,), "transparent"),
-        "listen": ((str,), "127.0.0.1:1200"),
+        "listen": ((str,), None),  # by mode: see EGRESS_LISTEN
         "vsock-port": ((int,), 1201),  # raw's is 1200, as the tuna images have it
         "ports": ((list,), [80, 443]),
         "allow": ((list,), []),
@@ -110,7 +112,10 @@ _SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "ip-file": ((str,), "/app/ip.txt"),
     },
 }
-EGRESS_MODES = ("transparent",)
+# transparent: iptables REDIRECT and the destination header; proxy: the enclave's programs
+# name their destination to an HTTP CONNECT / SOCKS5 proxy (HTTPS_PROXY, ALL_PROXY).
+EGRESS_LISTEN = {"transparent": "127.0.0.1:1200", "proxy": "127.0.0.1:1080"}
+EGRESS_MODES = tuple(EGRESS_LISTEN)
 
 
 class _Reader:
@@ -223,13 +228,23 @@ def expand(data: dict[str, Any], side: str, lines: Lines) -> Expanded:
         if egress["mode"] not in EGRESS_MODES:
             reader.error("mode", f"must be one of: {', '.join(EGRESS_MODES)}")
         else:
-            listen, vsock = egress["listen"], f"{parent_cid}:{egress['vsock-port']}"
+            mode = egress["mode"]
+            listen = egress["listen"] or EGRESS_LISTEN[mode]
+            vsock = f"{parent_cid}:{egress['vsock-port']}"
             keys = {
                 "ip-addr": ("egress", "listen"),
                 "vsock-addr": ("egress", "vsock-port"),
             }
             ports = _ports(egress["ports"], reader)
-            if side == ENCLAVE:
+            if side == ENCLAVE and mode == "proxy":
+                add(
+                    "egress",
+                    "ip-to-vsock",
+                    {"ip-addr": listen, "vsock-addr": vsock},
+                    "egress",
+                    keys,
+                )
+            elif side == ENCLAVE:
                 add(
                     "egress",
                     "ip-to-vsock-transparent",
@@ -263,7 +278,8 @@ def expand(data: dict[str, Any], side: str, lines: Lines) -> Expanded:
                         "deny-private": ("egress", "deny-private"),
                     }
                 )
-                add("egress", "vsock-to-ip-transparent", values, "egress", keys)
+                kind = "vsock-to-ip-proxy" if mode == "proxy" else "vsock-to-ip-transparent"
+                add("egress", kind, values, "egress", keys)
     if "dns" in data:
         dns = _Reader(expanded, lines, ("dns",)).table(data["dns"], "dns")
         udp_vsock = f"{parent_cid}:{dns['vsock-port']}"

@@ -332,7 +332,7 @@ def test_a_description_needs_a_side_and_says_what_is_wrong_in_it() -> None:
     assert errors_of(bad, "parent") == [
         "f.toml:2: enclave.cid: expected an integer",
         "f.toml:3: ingress[0]: needs port, or both listen and target",
-        "f.toml:6: egress.mode: must be one of: transparent",
+        "f.toml:6: egress.mode: must be one of: transparent, proxy",
         "f.toml:8: dns.upstream: 'nowhere': malformed address, expected IP:PORT",
         "f.toml:9: dns.colour: not a key of [dns] (its keys: listen, upstream, vsock-port, "
         "tcp-vsock-port)",
@@ -346,3 +346,17 @@ def test_proxies_beside_a_description_run_on_their_side() -> None:
     )
     assert "extra" in {spec.name for spec in parse(text, "f.toml", "parent").specs}
     assert "extra" not in {spec.name for spec in parse(text, "f.toml", "enclave").specs}
+
+
+def test_egress_through_an_explicit_proxy() -> None:
+    text = (
+        "[enclave]\ncid = 88\n[egress]\nmode = \"proxy\"\n"
+        'allow = ["api.example.com:443"]\n'
+    )
+    (enclave,) = parse(text, "f.toml", "enclave").specs
+    (parent,) = parse(text, "f.toml", "parent").specs
+    assert (enclave.kind, str(enclave.options["ip_addr"])) == ("ip-to-vsock", "127.0.0.1:1080")
+    assert parent.kind == "vsock-to-ip-proxy"
+    assert enclave.options["vsock_addr"] == parent.options["vsock_addr"]
+    assert [str(p) for p in parent.options["allow_hosts"]] == ["api.example.com:443"]
+    assert parse(text, "f.toml", "enclave").rules == ["ip link set lo up"]  # no REDIRECT
