@@ -28,8 +28,12 @@ SCRIPTS = list(reference.console_scripts())
 BIN = Path(sys.executable).parent
 
 
+_WRAPPED_AT_HYPHEN = re.compile(r"(?<=[a-z])- (?=[a-z])")
+
+
 def _normal(text: str) -> str:
-    return " ".join(text.split())
+    """Whitespace as one space; a word click wrapped at its hyphen (--deny-\nprivate) whole."""
+    return _WRAPPED_AT_HYPHEN.sub("-", " ".join(text.split()))
 
 
 @dataclass
