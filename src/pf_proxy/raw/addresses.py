@@ -4,12 +4,14 @@
   address the tuna images write to ``/app/ip.txt``;
 - ``vsock-to-ip-raw-outgoing`` lets through only packets from the host interface's address,
   and by default uses the first interface named ``eth*`` or ``ens*`` that has an IPv4 address
-  (found with pyroute2, in interface index order, as the originals do).
+  (in interface index order, as the originals do).
 """
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -36,20 +38,32 @@ def read_enclave_address(path: Path) -> IPv4Address:
         ) from None
 
 
+SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's (primary) IPv4 address
+_IFREQ = struct.Struct("16s16x")  # struct ifreq: the name, then a union (a sockaddr_in here)
+_ADDRESS_IN_IFREQ = slice(20, 24)  # the sockaddr_in's address, after ifr_name, family and port
+
+
+def _ipv4_address(name: str) -> IPv4Address | None:
+    """The first IPv4 address of interface `name`, None if it has none (or does not exist).
+
+    One ioctl, as ifconfig asks: pyroute2's netlink client cost about 10 MiB of resident
+    memory to import for this, a third of a raw proxy's (benchmarks/memory.py)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            answer = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, _IFREQ.pack(name.encode()))
+        except OSError:  # EADDRNOTAVAIL: no IPv4 address; ENODEV: no such interface
+            return None
+    return IPv4Address(answer[_ADDRESS_IN_IFREQ])
+
+
 def _interfaces_with_ipv4() -> list[tuple[int, str, IPv4Address]]:
     """(index, name, first IPv4 address) of every interface that has one, by index."""
-    # Imported here, not at the top: pyroute2 takes about 0.15 s to import, which every raw
-    # command would otherwise spend on --help and usage errors too.
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        first_address: dict[int, IPv4Address] = {}
-        for message in ipr.get_addr(family=socket.AF_INET):
-            first_address.setdefault(message["index"], IPv4Address(message.get_attr("IFA_ADDRESS")))
-    return sorted(
-        (index, names[index], address) for index, address in first_address.items() if index in names
-    )
+    found = []
+    for index, name in sorted(socket.if_nameindex()):
+        address = _ipv4_address(name)
+        if address is not None:
+            found.append((index, name, address))
+    return found
 
 
 def find_outgoing_interface() -> tuple[str, IPv4Address]:
@@ -65,8 +79,7 @@ def find_outgoing_interface() -> tuple[str, IPv4Address]:
 
 def interface_address(device: str) -> IPv4Address:
     """The first IPv4 address of ``device``."""
-    interfaces = _interfaces_with_ipv4()
-    for _, name, address in interfaces:
-        if name == device:
-            return address
-    raise AddressLookupError(f"device {device} has no IPv4 address (or does not exist)")
+    address = _ipv4_address(device) if len(device.encode()) < 16 else None  # IFNAMSIZ
+    if address is None:
+        raise AddressLookupError(f"device {device} has no IPv4 address (or does not exist)")
+    return address
