@@ -8,6 +8,7 @@ socket (emulated vsock) -> an echo server on that socket.
     pf-proxy splice / copy   ip-to-vsock -i 127.0.0.1:P -v 88:Q, PF_PROXY_VSOCK_DIR set (copy:
                              PF_PROXY_NO_SPLICE=1)
     pf-proxy 2 workers       the same with --workers 2 (when the command has it)
+    pf-proxy run             the same proxy in a `pf-proxy run` file, beside two idle ones
     least Python relay       benchmarks/leastrelay.py: pf-proxy's relay design with nothing
                              else (no logging, limits or failure handling); the floor for
                              any relay in Python here
@@ -104,6 +105,8 @@ def hop(kind: str, socket_path: Path, workdir: Path) -> Iterator[Hop]:
         args = ["ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", f"{cid}:{vsock_port}"]
         if kind == "pf-proxy 2 workers":
             args += ["--workers", "2"]
+        if kind == "pf-proxy run":
+            args = ["pf-proxy", "run", str(_run_file(workdir, port, f"{cid}:{vsock_port}"))]
         with process(args, workdir, env) as started:
             wait_until(lambda: started.said("Listening on:"), kind)
             top = started.command_pid()
@@ -134,6 +137,20 @@ def hop(kind: str, socket_path: Path, workdir: Path) -> Iterator[Hop]:
             yield Hop(port, [started.command_pid()])
     else:
         raise ValueError(kind)
+
+
+def _run_file(workdir: Path, port: int, vsock: str) -> Path:
+    """The same ip-to-vsock as a proxy of a file, beside two more that stay idle (a UDP one
+    and a TCP one): what the file's process adds per operation, if anything."""
+    file = workdir / f"run-{port}.toml"
+    file.write_text(
+        f'[proxy.hop]\nkind = "ip-to-vsock"\nip-addr = "127.0.0.1:{port}"\nvsock-addr = "{vsock}"\n'
+        f'[proxy.dns]\nkind = "udp-to-vsock"\nip-addr = "127.0.0.1:{free_port()}"\n'
+        'vsock-addr = "3:53"\n'
+        f'[proxy.idle]\nkind = "vsock-to-ip"\nvsock-addr = "88:{free_port()}"\n'
+        'ip-addr = "127.0.0.1:9"\n'
+    )
+    return file
 
 
 def available(kinds: list[str]) -> list[str]:
@@ -179,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             "pf-proxy splice",
             "pf-proxy copy",
             "pf-proxy 2 workers",
+            "pf-proxy run",
             "least Python relay",
             "socat",
             "nginx",
