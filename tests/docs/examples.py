@@ -109,6 +109,9 @@ class Step:
         return bool(re.search(r"(?<!&)&\s*$", self.command))
 
 
+_HEREDOC = re.compile(r"<<-?\s*'?([A-Za-z_]+)'?\s*$")
+
+
 def transcript(text: str) -> list[Step]:
     """The `$ command` / output steps of a console block."""
     steps: list[Step] = []
@@ -127,6 +130,13 @@ def transcript(text: str) -> list[Step]:
         while command[-1].endswith("\\") and index + 1 < len(lines):
             index += 1
             command.append(lines[index])
+        heredoc = _HEREDOC.search(command[-1])
+        if heredoc:  # the document's lines follow, each after bash's "> " prompt
+            while index + 1 < len(lines) and lines[index + 1].startswith(">"):
+                index += 1
+                command.append(lines[index][2:])
+                if command[-1] == heredoc.group(1):
+                    break
         steps.append(Step("\n".join(command), []))
         index += 1
     for step in steps:
