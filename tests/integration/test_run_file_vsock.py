@@ -64,7 +64,10 @@ def test_both_sides_of_one_file_over_vsock(
         )
         sides = {
             side: Proxy(
-                ["pf-proxy", "run", str(file), "--side", side], tmp_path, vsock_link.env, timeout=WAIT
+                ["pf-proxy", "run", str(file), "--side", side],
+                tmp_path,
+                vsock_link.env,
+                timeout=WAIT,
             )
             for side in ("enclave", "parent")
         }
