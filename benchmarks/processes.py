@@ -179,8 +179,28 @@ def pair(
         ) as started:
             started.kind = kind
             yield started
+    elif kind == "file":
+        with _file_pair(target_port, workdir) as started:
+            yield started
     else:
         raise ValueError(f"unknown pair {kind!r}")
+
+
+@contextmanager
+def _file_pair(target_port: int, workdir: Path) -> Iterator[Pair]:
+    """Our pair as two proxies of one `pf-proxy run` process."""
+    port, vsock_port = free_port(), free_port()
+    file = workdir / f"pair-{port}.toml"
+    file.write_text(
+        f'[proxy.outer]\nkind = "ip-to-vsock"\nip-addr = "127.0.0.1:{port}"\n'
+        f'vsock-addr = "{VSOCK_CID}:{vsock_port}"\n'
+        f'[proxy.inner]\nkind = "vsock-to-ip"\nvsock-addr = "{VSOCK_CID}:{vsock_port}"\n'
+        f'ip-addr = "127.0.0.1:{target_port}"\n'
+    )
+    env = {"PF_PROXY_VSOCK_DIR": str(workdir)}
+    with process(["pf-proxy", "run", str(file)], workdir, env) as started:
+        wait_until(lambda: started.said("[outer] Listening on:"), "pf-proxy run")
+        yield Pair("file", port, {"pf-proxy run": started.command_pid()})
 
 
 def _require_guest() -> None:

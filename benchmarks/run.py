@@ -39,10 +39,13 @@ from benchmarks.processes import (
 )
 
 OURS = {"splice": "pf-proxy splice", "copy": "pf-proxy copy"}
+# The data-path figures also for the pair as two proxies of one `pf-proxy run` process.
+DATA_PATH = {**OURS, "file": "pf-proxy run"}
 RESULTS = Path(__file__).with_name("results.md")
 LEGEND = """\
 - pf-proxy splice: `ip-to-vsock` -> emulated vsock (a Unix socket) -> `vsock-to-ip`;
-  pf-proxy copy: the same with `PF_PROXY_NO_SPLICE=1` (the user-space copy fallback).
+  pf-proxy copy: the same with `PF_PROXY_NO_SPLICE=1` (the user-space copy fallback);
+  pf-proxy run: the same two proxies in one `pf-proxy run` process (splice).
 - socat pair: `socat TCP-LISTEN:P,reuseaddr,fork,backlog=1024 UNIX-CONNECT:S` and
   `socat UNIX-LISTEN:S,fork,backlog=1024 TCP:127.0.0.1:Q`; direct loopback: no proxy.
 - Bulk: iperf3, received throughput. Connection rate: connect, 64-byte request, 64-byte echo,
@@ -105,13 +108,13 @@ def _medians(samples: dict[str, list[float]]) -> dict[str, float]:
 def bulk(settings: Settings, workdir: Path, streams: int) -> list[Row]:
     gbps: dict[str, list[float]] = defaultdict(list)
     for run in range(settings.runs):
-        for kind in ("direct", "socat", *OURS):
+        for kind in ("direct", "socat", *DATA_PATH):
             with iperf3_server(workdir) as server, pair(kind, server, workdir) as target:
                 gbps[kind].append(iperf3(target.port, streams, settings.bulk_seconds))
             _progress(f"bulk -P {streams} run {run + 1} {kind}: {gbps[kind][-1]:.2f} Gbit/s")
     m = _medians(gbps)
     rows = []
-    for kind, label in OURS.items():
+    for kind, label in DATA_PATH.items():
         name = f"Bulk, {streams} stream{'s' if streams > 1 else ''}, Gbit/s ({label})"
         targets = streams == 1  # the issue's targets are for one stream
         rows += [
@@ -147,7 +150,7 @@ def _compare(
 def connection_rate(settings: Settings, workdir: Path) -> list[Row]:
     rates: dict[str, list[float]] = defaultdict(list)
     for run in range(settings.runs):
-        for kind in ("direct", "socat", *OURS):
+        for kind in ("direct", "socat", *DATA_PATH):
             with echo_server(workdir) as server, pair(kind, server, workdir) as target:
                 result = run_client(
                     "rate",
@@ -165,9 +168,9 @@ def connection_rate(settings: Settings, workdir: Path) -> list[Row]:
     name = f"Connection rate, {settings.rate_concurrency} clients, connections/s"
     rows = [
         _compare(f"{name} ({label})", m[kind], m["socat"], "socat pair", at_least=2.0)
-        for kind, label in OURS.items()
+        for kind, label in DATA_PATH.items()
     ]
-    fastest = max(m[kind] for kind in ("socat", *OURS))
+    fastest = max(m[kind] for kind in ("socat", *DATA_PATH))
     rows.append(
         Row(
             f"{name} (load generator alone, direct to the echo server)",
@@ -187,7 +190,7 @@ def connection_rate(settings: Settings, workdir: Path) -> list[Row]:
 def pingpong(settings: Settings, workdir: Path, connections: int) -> list[Row]:
     figures: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in range(settings.runs):
-        for kind in ("socat", *OURS):
+        for kind in ("socat", *DATA_PATH):
             with echo_server(workdir) as server, pair(kind, server, workdir) as target:
                 result = run_client(
                     "pingpong",
@@ -206,7 +209,7 @@ def pingpong(settings: Settings, workdir: Path, connections: int) -> list[Row]:
     rps, p50, p99 = (_medians(figures[key]) for key in ("requests_per_s", "p50_us", "p99_us"))
     name = f"Ping-pong 1 byte, {connections} connection{'s' if connections > 1 else ''}"
     rows = []
-    for kind, label in OURS.items():
+    for kind, label in DATA_PATH.items():
         rows += [
             _compare(
                 f"{name}, requests/s ({label})", rps[kind], rps["socat"], "socat pair", at_least=1.0
