@@ -74,6 +74,15 @@ class _Formatter(logging.Formatter):
         return self._second_text
 
 
+def _line(handler: logging.Handler, record: logging.LogRecord) -> str | None:
+    """`record` formatted as one line; None (after logging's own report) if it cannot be."""
+    try:
+        return handler.format(record) + "\n"
+    except Exception:
+        handler.handleError(record)
+        return None
+
+
 class _LoopFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A StreamHandler that, on a running event loop, writes at most every FLUSH_DELAY.
 
@@ -100,12 +109,9 @@ class _LoopFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._size = 0  # bytes in _lines (characters, for ASCII lines)
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record) + "\n"
-        except Exception:
-            self.handleError(record)
-            return
-        self.add_line(line)
+        line = _line(self, record)
+        if line is not None:
+            self.add_line(line)
 
     def add_line(self, line: str) -> None:
         """Write `line` (whole, newline included) with the others of this FLUSH_DELAY."""
@@ -162,10 +168,8 @@ class _AtOnceHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.earlier = earlier
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record) + "\n"
-        except Exception:
-            self.handleError(record)
+        line = _line(self, record)
+        if line is None:
             return
         self.earlier.write_held()
         try:

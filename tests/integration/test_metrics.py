@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -172,14 +173,21 @@ def test_a_metrics_port_in_use_is_exit_1_naming_it(emulated: Vsock) -> None:
     )
 
 
-def test_misbehaving_scrapers_are_bounded_and_the_proxy_carries_on(
-    emulated: Vsock, echo: EchoServer, tmp_path: Path
-) -> None:
+@contextmanager
+def metered(emulated: Vsock, echo: EchoServer, tmp_path: Path) -> Iterator[tuple[Proxy, int]]:
+    """vsock-to-ip (vsock 88:4000 to `echo`) with --metrics: the proxy, and its metrics port."""
     metrics_port = free_port()
     with running(
         "vsock-to-ip", "-v", "88:4000", "-i", f"127.0.0.1:{echo.port}",
         "--metrics", f"127.0.0.1:{metrics_port}", log_dir=tmp_path, env=emulated.env,
     ) as proxy:  # fmt: skip
+        yield proxy, metrics_port
+
+
+def test_misbehaving_scrapers_are_bounded_and_the_proxy_carries_on(
+    emulated: Vsock, echo: EchoServer, tmp_path: Path
+) -> None:
+    with metered(emulated, echo, tmp_path) as (proxy, metrics_port):
         pid = proxy.process.pid
         baseline = socket_fds(pid)
         silent = [socket.create_connection(("127.0.0.1", metrics_port)) for _ in range(50)]
@@ -214,11 +222,7 @@ def test_healthz_and_prometheus_are_answered_within_1_s_under_a_slowloris_flood(
     as the proxy closes them: a curl probe of /healthz and the real Prometheus's scrapes (1 s
     timeout) are still answered, within 1 s each; the data path carries on; the connections
     closed unanswered are logged (at a limited rate); the descriptors come back."""
-    metrics_port = free_port()
-    with running(
-        "vsock-to-ip", "-v", "88:4000", "-i", f"127.0.0.1:{echo.port}",
-        "--metrics", f"127.0.0.1:{metrics_port}", log_dir=tmp_path, env=emulated.env,
-    ) as proxy:  # fmt: skip
+    with metered(emulated, echo, tmp_path) as (proxy, metrics_port):
         pid = proxy.process.pid
         baseline = socket_fds(pid)
         flood = subprocess.Popen(
