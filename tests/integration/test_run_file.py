@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 
@@ -29,6 +30,7 @@ from tests.integration.dnsserver import dnsmasq
 from tests.integration.helpers import (
     Proxy,
     ThreadedServer,
+    exchange,
     free_port,
     listening_socket,
     run_briefly,
@@ -420,3 +422,36 @@ def _accepts(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_workers_in_a_file(tmp_path: Path) -> None:
+    """`workers = 2` on one proxy: two processes; the second serves only that proxy, the first
+    both; each worker's /metrics on its own port."""
+    with vsock_under_test() as vsock, ExitStack() as stack:
+        echo_server = Server(listening_socket("127.0.0.1"))
+        stack.callback(echo_server.close)
+        front, back_port, metrics = free_port(), free_port(), free_port()
+        file = tmp_path / "run.toml"
+        file.write_text(
+            f'metrics = "127.0.0.1:{metrics}"\n'
+            f'[proxy.front]\nkind = "ip-to-vsock"\nip-addr = "127.0.0.1:{front}"\n'
+            f'vsock-addr = "88:{back_port}"\nworkers = 2\n'
+            f'[proxy.back]\nkind = "vsock-to-ip"\nvsock-addr = "88:{back_port}"\n'
+            f'ip-addr = "127.0.0.1:{echo_server.port}"\n'
+        )
+        running = Proxy(["pf-proxy", "run", str(file)], tmp_path, vsock.env, timeout=WAIT)
+        try:
+            running.wait_for("All 2 workers ready")
+            for _ in range(20):  # the kernel spreads them over both workers' sockets
+                assert exchange(("127.0.0.1", front), b"via a worker") == b"via a worker"
+            for worker, port in ((1, metrics), (2, metrics + 1)):
+                with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
+                    text = response.read().decode()
+                assert 'proxy="front"' in text, worker
+                assert ('proxy="back"' in text) == (worker == 1), worker
+            assert running.stop() == 0
+        finally:
+            running.stop()
+        assert "[worker 2] [front] Listening on:" in running.stdout
+        assert "[worker 2] [back]" not in running.stdout
+        assert "[worker 1] [back] Listening on:" in running.stdout
