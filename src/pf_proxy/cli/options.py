@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from pf_proxy import __version__
+from pf_proxy import __version__, hybrid, metrics
 from pf_proxy.endpoints import (
     AddressError,
+    HybridVsock,
     IpAddress,
     VsockAddress,
+    VsockEndpoint,
     parse_cid,
     parse_ip_address,
     parse_vsock_address,
+    vsock_endpoint,
+    vsock_transport,
 )
 from pf_proxy.tcp.access import CidrError, HostPatternError, parse_cidr, parse_host_pattern
 
@@ -66,6 +73,8 @@ __all__ = [
     "metrics_option",
     "timeouts",
     "vsock_buffer",
+    "vsock_side",
+    "vsock_uds_option",
 ]
 
 # The longest timeout or interval any option takes: 365 days. A NaN delay makes the event
@@ -242,6 +251,61 @@ def vsock_buffer(func: F) -> F:
         "bytes in flight on one vsock connection, so one stream's throughput. Memory is "
         "used only while bytes wait to be read. No effect on the emulation.",
     )(func)
+
+
+UNIX_PATH_MAX = 107  # sun_path's 108 bytes, less the terminating NUL
+
+
+def vsock_uds_option(func: F) -> F:
+    """--vsock-uds PATH (an addition, every command): the vsock side is hybrid vsock."""
+    return click.option(
+        "--vsock-uds",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        metavar="PATH",
+        help="Hybrid vsock: the vsock side is one microVM's vsock device, the Unix socket PATH "
+        "of its Firecracker or Cloud Hypervisor VMM (its uds_path). An upstream CID:PORT is "
+        "the guest's port PORT, reached with the CONNECT/OK handshake on PATH (CID: the "
+        "guest's, 3 or more); a listener on CID:PORT is the Unix socket PATH_PORT, where the "
+        "guest's connects to the host (CID 2) port PORT arrive (CID: 2). A half-close does "
+        "not cross it. Default: AF_VSOCK.",
+    )(func)
+
+
+def vsock_side(
+    address: VsockAddress,
+    buffer_size: int,
+    uds_path: Path | None,
+    *,
+    listening: bool,
+    param: str = "vsock_addr",
+) -> VsockEndpoint:
+    """The command's vsock endpoint: over hybrid vsock with --vsock-uds (its handshakes
+    counted in /metrics). A CID or a path that cannot be used that way is a usage error (exit
+    2) naming the flag."""
+    ctx = click.get_current_context()
+
+    def bad(name: str, message: str) -> click.BadParameter:
+        found = [p for p in ctx.command.params if p.name == name]
+        return click.BadParameter(message, ctx, found[0] if found else None)
+
+    try:
+        transport = vsock_transport(uds_path)
+    except AddressError as exc:
+        raise bad("vsock_uds", str(exc)) from None
+    if isinstance(transport, HybridVsock):
+        where = transport.listen_path(address) if listening else transport.uds_path
+        if len(os.fsencode(where)) > UNIX_PATH_MAX:
+            raise bad(
+                "vsock_uds",
+                f"{str(where)!r} is too long for a Unix socket ({UNIX_PATH_MAX} bytes at most)",
+            )
+        metrics.register(functools.partial(hybrid.metrics_source, transport.handshakes))
+    try:
+        return vsock_endpoint(address, buffer_size, transport, listening=listening)
+    except AddressError as exc:
+        shown = str(address.cid) if param == "cid" else str(address)
+        raise bad(param, f"{shown!r}: {exc}") from None
 
 
 def metrics_option(func: F) -> F:

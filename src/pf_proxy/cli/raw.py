@@ -19,8 +19,10 @@ from pf_proxy.cli.options import (
     metrics_option,
     stats_interval_counting,
     vsock_buffer,
+    vsock_side,
+    vsock_uds_option,
 )
-from pf_proxy.endpoints import IpAddress, VsockAddress, vsock_endpoint
+from pf_proxy.endpoints import IpAddress, VsockAddress
 from pf_proxy.raw import forward
 from pf_proxy.raw import metrics as raw_metrics
 from pf_proxy.raw.addresses import (
@@ -60,9 +62,10 @@ QUEUE_NUM = click.option(
 
 
 def _service_options(func: F) -> F:
-    """--stats-interval, --drain-timeout, --vsock-buffer-size and --metrics (additions with
-    faithful defaults)."""
+    """--stats-interval, --drain-timeout, --vsock-buffer-size, --vsock-uds and --metrics
+    (additions with faithful defaults)."""
     func = metrics_option(func)
+    func = vsock_uds_option(func)
     func = vsock_buffer(func)
     func = click.option(
         "--drain-timeout",
@@ -82,10 +85,11 @@ def _queue_to_vsock(
     stats_interval: float,
     drain_timeout: float,
     vsock_buffer_size: int,
+    vsock_uds: Path | None,
     metrics_address: IpAddress | None,
 ) -> None:
     runtime.start_logging()
-    link = vsock_endpoint(vsock_addr, vsock_buffer_size)
+    link = vsock_side(vsock_addr, vsock_buffer_size, vsock_uds, listening=False)
 
     async def main() -> int:
         forwarder = forward.QueueToVsock(queue_num, link)
@@ -136,9 +140,10 @@ def _vsock_to_device(
     stats_interval: float,
     drain_timeout: float,
     vsock_buffer_size: int,
+    vsock_uds: Path | None,
     metrics_address: IpAddress | None,
 ) -> None:
-    listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
+    listen = vsock_side(vsock_addr, vsock_buffer_size, vsock_uds, listening=True)
 
     async def main() -> int:
         forwarder = forward.VsockToDevice(listen, device, policy.check)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -22,15 +23,11 @@ from pf_proxy.cli.options import (
     metrics_option,
     timeouts,
     vsock_buffer,
+    vsock_side,
+    vsock_uds_option,
     workers_option,
 )
-from pf_proxy.endpoints import (
-    Endpoint,
-    IpAddress,
-    IpEndpoint,
-    VsockAddress,
-    vsock_endpoint,
-)
+from pf_proxy.endpoints import Endpoint, IpAddress, IpEndpoint, VsockAddress
 from pf_proxy.tcp import engine, routes
 from pf_proxy.tcp.access import AccessPolicy, HostPattern, IpNetwork, ResolveError
 
@@ -101,15 +98,20 @@ def _run(
 )
 @timeouts
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 @workers_option
 @backlog_option
 def vsock_to_ip(
-    vsock_addr: VsockAddress, ip_addr: IpAddress, vsock_buffer_size: int, **options: Any
+    vsock_addr: VsockAddress,
+    ip_addr: IpAddress,
+    vsock_buffer_size: int,
+    vsock_uds: Path | None,
+    **options: Any,
 ) -> None:
     upstream = IpEndpoint(ip_addr)
     _run(
-        vsock_endpoint(vsock_addr, vsock_buffer_size),
+        vsock_side(vsock_addr, vsock_buffer_size, vsock_uds, listening=True),
         lambda: routes.fixed(upstream),
         "vsock to ip",
         "ip to vsock",
@@ -122,13 +124,18 @@ def vsock_to_ip(
 @VSOCK_TARGET
 @timeouts
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 @workers_option
 @backlog_option
 def ip_to_vsock(
-    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **options: Any
+    ip_addr: IpAddress,
+    vsock_addr: VsockAddress,
+    vsock_buffer_size: int,
+    vsock_uds: Path | None,
+    **options: Any,
 ) -> None:
-    upstream = vsock_endpoint(vsock_addr, vsock_buffer_size)
+    upstream = vsock_side(vsock_addr, vsock_buffer_size, vsock_uds, listening=False)
     _run(
         IpEndpoint(ip_addr), lambda: routes.fixed(upstream), "ip to vsock", "vsock to ip", **options
     )
@@ -184,6 +191,7 @@ def ip_to_vsock(
 )
 @timeouts
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 @workers_option
 @backlog_option
@@ -194,6 +202,7 @@ def vsock_to_ip_transparent(
     deny_private: bool,
     allow_hosts: tuple[HostPattern, ...],
     vsock_buffer_size: int,
+    vsock_uds: Path | None,
     **options: Any,
 ) -> None:
     policy = AccessPolicy(allow, deny, allow_hosts, deny_private)
@@ -218,7 +227,7 @@ def vsock_to_ip_transparent(
         log.info("Names resolved with: %s", ", ".join(resolver.nameservers))
         return routes.from_destination_header(policy, resolver.addresses, name_timeout)
 
-    listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
+    listen = vsock_side(vsock_addr, vsock_buffer_size, vsock_uds, listening=True)
     _run(listen, make_route, "vsock to ip", "ip to vsock", **options)
 
 
@@ -237,13 +246,18 @@ def vsock_to_ip_transparent(
 )
 @timeouts
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 @workers_option
 @backlog_option
 def ip_to_vsock_transparent(
-    ip_addr: IpAddress, vsock_addr: VsockAddress, vsock_buffer_size: int, **options: Any
+    ip_addr: IpAddress,
+    vsock_addr: VsockAddress,
+    vsock_buffer_size: int,
+    vsock_uds: Path | None,
+    **options: Any,
 ) -> None:
-    upstream = vsock_endpoint(vsock_addr, vsock_buffer_size)
+    upstream = vsock_side(vsock_addr, vsock_buffer_size, vsock_uds, listening=False)
     _run(
         IpEndpoint(ip_addr),
         lambda: routes.with_destination_header(upstream),
@@ -268,13 +282,16 @@ def ip_to_vsock_transparent(
 )
 @timeouts
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 @workers_option
 @backlog_option
 def transparent_port_to_vsock(
-    ip_addr: IpAddress, cid: int, vsock_buffer_size: int, **options: Any
+    ip_addr: IpAddress, cid: int, vsock_buffer_size: int, vsock_uds: Path | None, **options: Any
 ) -> None:
-    template = vsock_endpoint(VsockAddress(cid, 0), vsock_buffer_size)
+    template = vsock_side(
+        VsockAddress(cid, 0), vsock_buffer_size, vsock_uds, listening=False, param="cid"
+    )
     _run(
         IpEndpoint(ip_addr),
         lambda: routes.to_original_port(template),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import click
@@ -19,8 +20,10 @@ from pf_proxy.cli.options import (
     metrics_option,
     stats_interval,
     vsock_buffer,
+    vsock_side,
+    vsock_uds_option,
 )
-from pf_proxy.endpoints import IpAddress, VsockAddress, vsock_endpoint
+from pf_proxy.endpoints import IpAddress, VsockAddress
 from pf_proxy.udp import engine
 
 
@@ -55,16 +58,18 @@ def _run(main: Coroutine[Any, Any, int], metrics_address: IpAddress | None) -> N
 @flow_timeouts
 @stats_interval
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 def udp_to_vsock(
     ip_addr: IpAddress,
     vsock_addr: VsockAddress,
     vsock_buffer_size: int,
+    vsock_uds: Path | None,
     metrics_address: IpAddress | None,
     **options: Any,
 ) -> None:
     _start("udp-to-vsock")
-    upstream = vsock_endpoint(vsock_addr, vsock_buffer_size)
+    upstream = vsock_side(vsock_addr, vsock_buffer_size, vsock_uds, listening=False)
     settings = engine.Settings(**options)
     _run(engine.serve_udp_to_vsock(ip_addr, upstream, settings), metrics_address)
 
@@ -92,16 +97,18 @@ def udp_to_vsock(
 @flow_timeouts
 @stats_interval
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 @backlog_option
 def vsock_to_udp(
     vsock_addr: VsockAddress,
     ip_addr: IpAddress,
     vsock_buffer_size: int,
+    vsock_uds: Path | None,
     metrics_address: IpAddress | None,
     **options: Any,
 ) -> None:
     _start("vsock-to-udp")
-    listen = vsock_endpoint(vsock_addr, vsock_buffer_size)
+    listen = vsock_side(vsock_addr, vsock_buffer_size, vsock_uds, listening=True)
     settings = engine.Settings(**options)
     _run(engine.serve_vsock_to_udp(listen, ip_addr, settings), metrics_address)

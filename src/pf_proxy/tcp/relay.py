@@ -27,6 +27,13 @@ empty ones for the read and given back as soon as dst has taken the whole chunk;
 direction waiting for dst to drain keeps one. So an idle connection costs only its two
 sockets, and the hot path neither creates pipes nor allocates buffers.
 
+Where the upstream cannot carry a half-close (hybrid vsock: a SHUT_WR there is a full shutdown
+for the guest, whose reply would then fail), the client's EOF is held instead: the client has
+sent everything, and the upstream direction goes on until the guest ends its stream (or the
+idle timeout, if set, ends the connection). The upstream's EOF is always passed to the client:
+to a hybrid client (a guest whose connection came in on its uds_path) that ends the stream
+once it has read the rest, as a close would, and its later sends fail.
+
 The relay ends when both directions have reached EOF, or when either fails. After a failure
 both sockets are closed abortively (`endpoints.close_abortively`): a TCP peer is reset, so it
 cannot mistake a truncated stream for a complete one; a vsock peer reads EOF, because vsock has
@@ -74,6 +81,7 @@ _READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPO
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _TO_THE_END = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR  # read until EOF or error
 
+HELD_EOF = "the upstream cannot take a half-close, which would cut its reply"
 FREE_CARRIERS_KEPT = 8  # empty pipes (and buffers) kept for reuse; the rest are closed (freed)
 
 # Errors that mean "splice is not supported between these two files", not a broken socket.
@@ -212,15 +220,20 @@ class _Pump:
     def _finish(self) -> None:
         self.stop()
         self.finished = True
-        if not self.relay.pumps_finished():  # else both directions are done: close sends FIN
+        relay = self.relay
+        if relay.pumps_finished():  # both directions are done: the close ends the streams
+            info(self.done_message)
+        elif self.dst is relay.upstream and not relay.upstream_half_close:
+            info(f"{self.done_message} (end held: {HELD_EOF})")
+        else:
             try:
                 self.dst.shutdown(socket.SHUT_WR)
             except OSError as exc:
                 if exc.errno != errno.ENOTCONN:
-                    self.relay.fail(exc)
+                    relay.fail(exc)
                     return
-        info(self.done_message)
-        self.relay.pump_finished()
+            info(self.done_message)
+        relay.pump_finished()
 
     def _fail(self, exc: OSError) -> None:
         # Drop the chunk in hand now, not when the relay is torn down on a later turn of the
@@ -439,6 +452,8 @@ class Relay:
 
     `forward_done` and `backward_done` are the log lines for EOF inbound->upstream and
     upstream->inbound; `first_bytes` are written upstream before anything read inbound.
+    `upstream_half_close`: the upstream endpoint's `half_close` (if False, the inbound's EOF
+    is held, not passed on).
     When the relay ends, both sockets are closed (reset, after a failure) and `on_done` is
     called once, with None or with what failed: an OSError, a TimeoutError (idle timeout),
     or CancelledError (`abort`).
@@ -455,8 +470,10 @@ class Relay:
         use_splice: bool | None = None,
         idle_timeout: float | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        upstream_half_close: bool = True,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
+        self.upstream_half_close = upstream_half_close
         self.events = poller(self.loop)
         self.inbound, self.upstream = inbound, upstream
         self.splice = use_splice_default if use_splice is None else use_splice
