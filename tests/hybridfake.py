@@ -12,6 +12,8 @@ on demand and in milliseconds:
               it stops, with whatever it had not echoed lost
     reply     OK, then the guest reads REQUEST_SIZE bytes and answers REPLY, then closes; a
               reply is lost if the host's EOF came first, as a real guest's would fail
+    reply+open  as reply, but the guest then keeps its stream open, as one that half-closed
+              would look from the host (a guest's half-close does not cross)
     ok+data   OK and the guest's first bytes (GREETING) in one write, then echo
     sink      OK, then the guest keeps what it reads (`received`) and, after the first bytes,
               sends one byte back (`sent_back`: whether the host's socket took it)
@@ -105,8 +107,11 @@ class FakeBackend(ThreadedServer):
                     with self.lock:
                         self.early.append(early)
             conn.sendall(b"OK %d\n" % port)
-        if mode == "reply":
+        if mode in ("reply", "reply+open"):
             self._reply(conn)
+            if mode == "reply+open":
+                while conn.recv(1 << 16):
+                    pass
         elif mode == "sink":
             self._sink(conn)
         else:

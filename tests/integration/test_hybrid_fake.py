@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +21,7 @@ from tests.integration.helpers import (
     console_scripts,
     exchange,
     free_port,
-    recv_exactly,
+    round_trip,
     run_briefly,
     running,
     socket_fds,
@@ -46,17 +45,6 @@ def ip_to_vsock(tmp_path: Path, *extra: str) -> Iterator[tuple[int, Proxy]]:
         yield port, proxy
 
 
-def echoed(port: int, payload: bytes) -> bytes:
-    """Send `payload` at once and read as much back, without a half-close: the fake guest
-    echoes until its stream ends, and a client's EOF does not cross hybrid vsock."""
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
-        sender = threading.Thread(target=client.sendall, args=(payload,))
-        sender.start()
-        received = recv_exactly(client, len(payload))
-        sender.join(WAIT)
-        return received
-
-
 def scraped(port: int) -> str:
     with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
         text: str = response.read().decode()
@@ -72,7 +60,7 @@ def test_ip_to_vsock_relays_through_the_handshake_sending_nothing_before_ok(
         ip_to_vsock(tmp_path, "--metrics", f"127.0.0.1:{metrics_port}") as (port, proxy),
     ):
         for payload in (b"first bytes, sent before any OK", os.urandom(4 << 20)):
-            assert echoed(port, payload) == payload
+            assert round_trip(port, payload) == payload
         proxy.wait_for(f"Proxying to: hybrid vsock 3:5000 ({tmp_path}/vm.vsock)")
         text = scraped(metrics_port)
     assert backend.early == []  # not a byte came with a CONNECT line
@@ -95,6 +83,19 @@ def test_a_client_half_close_still_gets_the_whole_reply(tmp_path: Path) -> None:
         proxy.wait_for("(end held: the upstream cannot take a half-close, which would cut its")
         proxy.wait_for("vsock to ip IO copy done")
     assert backend.replies_lost == 0
+
+
+def test_with_the_end_held_the_idle_timeout_ends_the_connection_cleanly(tmp_path: Path) -> None:
+    """The guest replies but its end never comes (a guest's half-close does not cross; a
+    pf-proxy in the guest closes only once it has seen both ends): with --idle-timeout the
+    client gets the reply and then a clean end of stream, not a reset."""
+    with (
+        fake_backend(tmp_path, lambda port, attempt: "reply+open"),
+        ip_to_vsock(tmp_path, "--idle-timeout", "1") as (port, proxy),
+    ):
+        assert exchange(("127.0.0.1", port), os.urandom(REQUEST_SIZE), timeout=WAIT) == REPLY
+        proxy.wait_for("idle for 1 s with the client's end held")
+    assert "Failed to transfer data" not in proxy.stderr
 
 
 def test_no_listener_in_the_guest_is_retried_then_logged_with_the_outcome(
@@ -125,7 +126,7 @@ def test_a_guest_listener_that_comes_late_is_reached(tmp_path: Path) -> None:
         fake_backend(tmp_path, lambda port, attempt: "eof" if attempt < 20 else "ok") as backend,
         ip_to_vsock(tmp_path) as (port, proxy),
     ):
-        assert echoed(port, b"patience") == b"patience"
+        assert round_trip(port, b"patience") == b"patience"
     assert backend.attempts[5000] == 21
     assert "Closing connection" not in proxy.stderr
 

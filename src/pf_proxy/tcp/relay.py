@@ -29,10 +29,13 @@ sockets, and the hot path neither creates pipes nor allocates buffers.
 
 Where the upstream cannot carry a half-close (hybrid vsock: a SHUT_WR there is a full shutdown
 for the guest, whose reply would then fail), the client's EOF is held instead: the client has
-sent everything, and the upstream direction goes on until the guest ends its stream (or the
-idle timeout, if set, ends the connection). The upstream's EOF is always passed to the client:
-to a hybrid client (a guest whose connection came in on its uds_path) that ends the stream
-once it has read the rest, as a close would, and its later sends fail.
+sent everything, and the upstream direction goes on until the guest closes its stream. A
+guest's own half-close does not reach the host either, so that close may never come (a
+pf-proxy in the guest closes only once it has seen both ends): with --idle-timeout, a
+connection whose client's EOF is held ends cleanly (EOF, not a reset) once it has been idle
+that long, its reply delivered. The upstream's EOF is always passed to the client: to a hybrid
+client (a guest whose connection came in on its uds_path) that ends the stream once it has
+read the rest, as a close would, and its later sends fail.
 
 The relay ends when both directions have reached EOF, or when either fails. After a failure
 both sockets are closed abortively (`endpoints.close_abortively`): a TCP peer is reset, so it
@@ -224,6 +227,7 @@ class _Pump:
         if relay.pumps_finished():  # both directions are done: the close ends the streams
             info(self.done_message)
         elif self.dst is relay.upstream and not relay.upstream_half_close:
+            relay.eof_held = True
             info(f"{self.done_message} (end held: {HELD_EOF})")
         else:
             try:
@@ -474,6 +478,7 @@ class Relay:
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.upstream_half_close = upstream_half_close
+        self.eof_held = False  # the inbound's EOF was not passed on (see upstream_half_close)
         self.events = poller(self.loop)
         self.inbound, self.upstream = inbound, upstream
         self.splice = use_splice_default if use_splice is None else use_splice
@@ -594,7 +599,14 @@ class Relay:
         if self.ended:
             return
         if self.loop.time() - self.last_activity >= self.idle_timeout:
-            self.fail(TimeoutError(f"no traffic for {self.idle_timeout:g} s (idle timeout)"))
+            if self.eof_held:  # the client is done, and the reply had its time: a clean end
+                info(
+                    f"{self.pumps[1].done_message}: idle for {self.idle_timeout:g} s with the "
+                    "client's end held (hybrid vsock cannot pass a half-close)"
+                )
+                self._end(None)
+            else:
+                self.fail(TimeoutError(f"no traffic for {self.idle_timeout:g} s (idle timeout)"))
         else:
             self._idle_timer = self._schedule_idle_check()
 
