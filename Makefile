@@ -76,7 +76,8 @@ bench-guest: $(BIN)/.installed
 		sh -c '$(BIN)/python -m benchmarks.vsockpath --output "$$PF_PROXY_GUEST_COLLECT/results-vsock.md"'
 
 bench-hybrid: $(BIN)/.installed
-	$(BIN)/python -m tests.vsock.guest --hybrid -- $(BIN)/python -m benchmarks.hybridpath
+	$(BIN)/python -m tests.vsock.guest --hybrid --collect benchmarks -- \
+		sh -c '$(BIN)/python -m benchmarks.hybridpath --output "$$PF_PROXY_GUEST_COLLECT/results-hybrid.md"'
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \

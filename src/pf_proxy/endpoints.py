@@ -590,7 +590,7 @@ class HybridVsock(_UnixSockets):
                 endpoint.address,
                 errno.ETIMEDOUT,
                 hybrid.TIMED_OUT,
-                f"no answer to CONNECT {port} within {loop.time() - started:.2f} s",
+                f"CONNECT {port}: no answer within {loop.time() - started:.2f} s",
             ) from None
         except BaseException:
             sock.close()
@@ -628,7 +628,9 @@ class HybridVsock(_UnixSockets):
                 continue
             except ConnectionResetError:
                 return _HybridRefusal(
-                    errno.ECONNRESET, hybrid.NOT_UP, f"the backend reset CONNECT {port} before OK"
+                    errno.ECONNRESET,
+                    hybrid.NOT_UP,
+                    f"CONNECT {port}: the backend reset the connection before OK",
                 )
             judged = hybrid.read_answer(answer + peeked, ended=not peeked)
             if isinstance(judged, hybrid.Accepted):
@@ -636,7 +638,7 @@ class HybridVsock(_UnixSockets):
                 return None
             if isinstance(judged, hybrid.Refused):
                 code = errno.ECONNREFUSED if judged.outcome == hybrid.NO_LISTENER else errno.EPROTO
-                return _HybridRefusal(code, judged.outcome, f"{judged.answer} to CONNECT {port}")
+                return _HybridRefusal(code, judged.outcome, f"CONNECT {port}: {judged.answer}")
             answer += sock.recv(len(peeked))  # all of it is the answer line: no newline yet
 
     def _failed(self, address: VsockAddress, code: int, outcome: str, detail: str) -> ConnectError:

@@ -177,14 +177,15 @@ class GuestProcess(Proxy):
         self.process = _Exited(logs / f"{name}.exit", pid)  # type: ignore[assignment]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float | None = None) -> int:
-        deadline = time.monotonic() + (timeout or self.timeout)
-        self.agent.ask({"signal": self.process.pid, "signum": int(sig)})
-        while (code := self.process.poll()) is None:
-            if time.monotonic() > deadline:
-                self.agent.ask({"signal": self.process.pid, "signum": int(signal.SIGKILL)})
-                deadline = time.monotonic() + self.timeout
-            time.sleep(POLL)
-        return code
+        """Send `sig`, and SIGKILL if it has not exited within `timeout`; its exit status."""
+        for signum in (sig, signal.SIGKILL):
+            self.agent.ask({"signal": self.process.pid, "signum": int(signum)})
+            deadline = time.monotonic() + (timeout or self.timeout)
+            while time.monotonic() < deadline:
+                if (code := self.process.poll()) is not None:
+                    return code
+                time.sleep(POLL)
+        raise TimeoutError(f"{self.args} did not exit in the guest, even on SIGKILL")
 
 
 if __name__ == "__main__":

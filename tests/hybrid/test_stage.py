@@ -270,9 +270,9 @@ def test_a_guest_port_with_no_listener_ends_the_connection_saying_so(
             client.sendall(b"anyone there?")
             assert closed(client)
         proxy.wait_for(
-            f"failed to connect to hybrid vsock {cid}:6999 ({uds}): no listener: the backend "
-            "closed without answering to CONNECT 6999 (nothing listens on guest port 6999, or "
-            "not yet); retried ",
+            f"failed to connect to hybrid vsock {cid}:6999 ({uds}): no listener: CONNECT 6999: "
+            "the backend closed without answering (nothing listens on guest port 6999, or not "
+            "yet); retried ",
             stream="stderr",
         )
         wait_until(lambda: socket_fds(proxy.process.pid) == before, "the sockets released")

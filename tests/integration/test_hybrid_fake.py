@@ -112,8 +112,8 @@ def test_no_listener_in_the_guest_is_retried_then_logged_with_the_outcome(
             assert closed(client)
         proxy.wait_for(
             f"Closing connection from 127.0.0.1:{client_port}: [Errno 111] failed "
-            f"to connect to hybrid vsock 3:5000 ({tmp_path}/vm.vsock): no listener: the "
-            "backend closed without answering to CONNECT 5000 (nothing listens on guest port "
+            f"to connect to hybrid vsock 3:5000 ({tmp_path}/vm.vsock): no listener: "
+            "CONNECT 5000: the backend closed without answering (nothing listens on guest port "
             "5000, or not yet); retried ",
             stream="stderr",
         )

@@ -101,14 +101,15 @@ def test_no_listener_is_retried_until_one_comes(tmp_path: Path) -> None:
             "eof",
             NO_LISTENER,
             errno.ECONNREFUSED,
-            "no listener: the backend closed without answering to CONNECT 5000 (nothing "
+            "no listener: CONNECT 5000: the backend closed without answering (nothing "
             "listens on guest port 5000, or not yet)",
         ),
         (
             "reset",
             NOT_UP,
             errno.ECONNRESET,
-            "not up: the backend reset CONNECT 5000 before OK (the guest's vsock is not up yet)",
+            "not up: CONNECT 5000: the backend reset the connection before OK (the guest's "
+            "vsock is not up yet)",
         ),
     ],
 )
@@ -134,8 +135,8 @@ def test_a_bad_answer_is_not_retried_and_says_what_came(tmp_path: Path) -> None:
         error = failure(endpoint, within=WAIT)
     assert str(error) == (
         f"[Errno {errno.EPROTO}] failed to connect to hybrid vsock 3:5000 ({tmp_path}/vm.vsock): "
-        "bad answer: answered b'HTTP/1.1 400 Bad Request\\r\\n' instead of OK <port> to "
-        "CONNECT 5000"
+        "bad answer: CONNECT 5000: answered b'HTTP/1.1 400 Bad Request\\r\\n' instead of "
+        "OK <port>"
     )
     assert fake.attempts[5000] == 1
     assert handshakes(endpoint) == {BAD_ANSWER: 1}
@@ -146,7 +147,7 @@ def test_a_silent_backend_times_out_at_the_deadline(tmp_path: Path) -> None:
         endpoint = endpoint_at(tmp_path)
         error = failure(endpoint, within=0.3)
     assert error.errno == errno.ETIMEDOUT
-    assert "timed out: no answer to CONNECT 5000 within 0." in str(error)
+    assert "timed out: CONNECT 5000: no answer within 0." in str(error)
     assert handshakes(endpoint) == {TIMED_OUT: 1}
 
 
