@@ -617,7 +617,11 @@ class HybridVsock(_UnixSockets):
                 f"cannot connect to {self.path}: {exc.strerror or exc} (is the VM running?)",
             )
         request = hybrid.connect_request(port)
-        if sock.send(request) != len(request):  # a fresh socket takes 20 bytes whole
+        try:
+            sent = sock.send(request)
+        except OSError as exc:  # accepted, and closed at once
+            return self._cut(exc, f"CONNECT {port}: the backend closed before it was asked")
+        if sent != len(request):  # a fresh socket takes 20 bytes whole
             return _HybridRefusal(errno.EPROTO, hybrid.BAD_ANSWER, "the CONNECT line was cut")
         answer = b""
         while True:
@@ -626,12 +630,8 @@ class HybridVsock(_UnixSockets):
                 peeked = sock.recv(hybrid.MAX_ANSWER, socket.MSG_PEEK)
             except BlockingIOError:
                 continue
-            except ConnectionResetError:
-                return _HybridRefusal(
-                    errno.ECONNRESET,
-                    hybrid.NOT_UP,
-                    f"CONNECT {port}: the backend reset the connection before OK",
-                )
+            except OSError as exc:
+                return self._cut(exc, f"CONNECT {port}: the backend reset the connection before OK")
             judged = hybrid.read_answer(answer + peeked, ended=not peeked)
             if isinstance(judged, hybrid.Accepted):
                 sock.recv(judged.size - len(answer))  # the rest of the line, peeked already
@@ -640,6 +640,12 @@ class HybridVsock(_UnixSockets):
                 code = errno.ECONNREFUSED if judged.outcome == hybrid.NO_LISTENER else errno.EPROTO
                 return _HybridRefusal(code, judged.outcome, f"CONNECT {port}: {judged.answer}")
             answer += sock.recv(len(peeked))  # all of it is the answer line: no newline yet
+
+    @staticmethod
+    def _cut(exc: OSError, detail: str) -> _HybridRefusal:
+        """The stream broke before OK: the guest's side is not up (yet)."""
+        why = "" if exc.errno == errno.ECONNRESET else f" ({exc.strerror or exc})"
+        return _HybridRefusal(exc.errno or errno.ECONNRESET, hybrid.NOT_UP, f"{detail}{why}")
 
     def _failed(self, address: VsockAddress, code: int, outcome: str, detail: str) -> ConnectError:
         hint = _HYBRID_HINTS.get(outcome, "").format(port=address.port)
