@@ -1,10 +1,15 @@
 # make test        install everything (system packages when root, a virtualenv), lint, build
 #                  the docs site (strict), and run the suite: on this machine (vsock
 #                  emulated), then the guest stage: the tests marked `guest` or `vsock` in a
-#                  throw-away QEMU guest with real AF_VSOCK
+#                  throw-away QEMU guest with real AF_VSOCK, then the hybrid stage: the tests
+#                  marked `hybrid`, here, against a guest whose vsock is behind
+#                  vhost-device-vsock (Firecracker's hybrid vsock)
 # make docs        the docs site, `mkdocs build --strict`, into build/site
 # make man         a man page per command into build/man/man1 (`man -l build/man/man1/X.1`)
 # make test-guest  only the guest stage
+# make test-hybrid only the hybrid stage
+# make bench-hybrid the hybrid vsock hop against a direct client, in one hybrid-stage guest
+#                  (benchmarks/hybridpath.py)
 # make demo        install, then a short live demonstration with emulated vsock
 # make bench       install, then the benchmarks (numbers, never pass/fail)
 # make bench-guest the pair over real vsock against socat over vsock, in the guest
@@ -15,10 +20,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SYSTEM_PACKAGES := iptables ipset iproute2 socat iperf3 curl prometheus python3-venv \
 	qemu-system-x86 busybox-static cpio kmod dnsmasq bind9-dnsutils dnsperf openssl \
-	groff-base man-db tinyproxy
+	groff-base man-db tinyproxy librust-env-logger+default-dev
+# (librust-env-logger+default-dev: a crate ../shared/hybrid/build.sh needs and does not install)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: test test-guest demo bench bench-guest system-packages lint docs man clean
+.PHONY: test test-guest test-hybrid demo bench bench-guest bench-hybrid system-packages lint \
+	docs man clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(MAKE) --no-print-directory system-packages
@@ -54,8 +61,9 @@ man: $(BIN)/.installed
 	$(BIN)/python scripts/reference.py man build/man
 
 test: lint docs
-	$(BIN)/python -m pytest tests -ra -m "not guest"
+	$(BIN)/python -m pytest tests -ra -m "not guest and not hybrid"
 	@$(MAKE) --no-print-directory test-guest
+	@$(MAKE) --no-print-directory test-hybrid
 
 # The guest stage (tests/vsock/guest.py): pytest, tests selected by the marker expression
 # GUEST_TESTS, in a QEMU guest with real AF_VSOCK. Exit 77 from the harness means "cannot run
@@ -63,6 +71,13 @@ test: lint docs
 GUEST_TESTS ?= guest or vsock
 test-guest: $(BIN)/.installed
 	$(BIN)/python -m tests.vsock.guest -- $(BIN)/python -m pytest -m "$(GUEST_TESTS)" tests -ra \
+		|| [ $$? -eq 77 ]
+
+# The hybrid stage (tests/hybrid): pytest runs here, selecting the tests marked `hybrid`, with a
+# guest booted behind vhost-device-vsock (found on PATH or in PF_PROXY_VHOST_DEVICE_VSOCK, or
+# built by ../shared/hybrid/build.sh). Exit 77 as for the guest stage.
+test-hybrid: $(BIN)/.installed
+	$(BIN)/python -m tests.vsock.guest --hybrid -- $(BIN)/python -m pytest -m hybrid tests -ra \
 		|| [ $$? -eq 77 ]
 
 demo: $(BIN)/.installed
@@ -74,6 +89,10 @@ bench: $(BIN)/.installed
 bench-guest: $(BIN)/.installed
 	$(BIN)/python -m tests.vsock.guest --collect benchmarks -- \
 		sh -c '$(BIN)/python -m benchmarks.vsockpath --output "$$PF_PROXY_GUEST_COLLECT/results-vsock.md"'
+
+bench-hybrid: $(BIN)/.installed
+	$(BIN)/python -m tests.vsock.guest --hybrid --collect benchmarks -- \
+		sh -c '$(BIN)/python -m benchmarks.hybridpath --output "$$PF_PROXY_GUEST_COLLECT/results-hybrid.md"'
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.hybrid import require_hybrid_stage
+from tests.integration.helpers import EchoServer
 from tests.vsock import require_guest
 from tests.vsocks import Vsock, in_guest, vsock_under_test
 
@@ -32,6 +34,8 @@ def _missing_root_requirement() -> str | None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("guest") is not None:
         require_guest()  # outside the guest: a skip, a failure under PF_PROXY_REQUIRE_GUEST=1
+    if item.get_closest_marker("hybrid") is not None:
+        require_hybrid_stage()  # the same for the hybrid stage
     if item.get_closest_marker("root") is None:
         return
     reason = _missing_root_requirement()
@@ -52,6 +56,14 @@ def vsock(request: pytest.FixtureRequest) -> Iterator[Vsock]:
     """The vsock under test, on each of the relay's two paths."""
     with vsock_under_test(splice=request.param == "splice") as place:
         yield place
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    """A TCP echo server on loopback (a thread per connection)."""
+    server = EchoServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture

@@ -196,6 +196,8 @@ def convert_options(
                 problem = exc.message
         if problem is not None:
             errors.append(ConfigError(where(key), shown(key), problem))
+    if not errors:
+        errors += _vsock_side_errors(kind, options, keys, where, shown)
     for key, param in keys.items():
         name = param.name or key
         if name in options or key in values:
@@ -206,6 +208,38 @@ def convert_options(
         default = param.get_default(context)
         options[name] = param.process_value(context, default)
     return options, errors
+
+
+def _vsock_side_errors(
+    kind: str,
+    options: dict[str, Any],
+    keys: dict[str, click.Option],
+    where: Callable[[str], int | None],
+    shown: Callable[[str], str],
+) -> list[ConfigError]:
+    """What the command would refuse about its vsock side as a whole (a CID hybrid vsock
+    cannot use, a socket path too long): the options together, not one by one."""
+    from pf_proxy.cli.options import VsockSideError, vsock_side_endpoint
+    from pf_proxy.endpoints import VsockAddress
+
+    about = KINDS[kind]
+    address = options.get(about.vsock_option)
+    if address is None or options.get("vsock_uds") is None:
+        return []  # a vsock address alone was checked as its flag checks it
+    if about.vsock_option == "cid":
+        address = VsockAddress(address, 0)
+    try:
+        vsock_side_endpoint(
+            address,
+            options.get("vsock_buffer_size", 0),
+            options.get("vsock_uds"),
+            listening=about.listens_on_vsock,
+            param=about.vsock_option,
+        )
+    except VsockSideError as exc:
+        key = next((k for k, p in keys.items() if p.name == exc.param), exc.param)
+        return [ConfigError(where(key), shown(key), str(exc))]
+    return []
 
 
 # --- the file ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from contextvars import ContextVar
 
 _NAME: ContextVar[str | None] = ContextVar("pf_proxy_name", default=None)
 _PREFIX: ContextVar[str] = ContextVar("pf_proxy_prefix", default="")
+_OWNER: ContextVar[object | None] = ContextVar("pf_proxy_owner", default=None)
 
 
 def proxy_name() -> str | None:
@@ -24,7 +25,18 @@ def log_prefix() -> str:
     return _PREFIX.get()
 
 
-def enter_proxy(name: str) -> None:
-    """Mark the current context as serving the proxy `name` (call it in a fresh context)."""
-    _NAME.set(name)
-    _PREFIX.set(f"[{name}] ")
+def owner() -> object | None:
+    """What stands for this start of the proxy served here (see `enter_proxy`)."""
+    return _OWNER.get()
+
+
+def enter_proxy(name: str) -> object:
+    """Mark the current context (a fresh one) as serving the proxy `name` ("" for a single
+    command: no name in lines or labels); returns a token that stands for this start of it,
+    which what it registers (metric sources) is filed under."""
+    if name:
+        _NAME.set(name)
+        _PREFIX.set(f"[{name}] ")
+    token = object()
+    _OWNER.set(token)
+    return token

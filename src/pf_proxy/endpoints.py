@@ -1,12 +1,21 @@
 """Places to listen on or connect to: vsock addresses and IP addresses.
 
 Parsing turns the command-line text into values (`VsockAddress`, `IpAddress`); endpoints turn
-those values into non-blocking sockets. This module is the only place that knows whether a
-vsock address is real AF_VSOCK or emulated:
+those values into non-blocking sockets. This module is the only place that knows how a vsock
+address becomes a socket. There are three transports (`VsockTransport`), and the planes never
+ask which one they have:
 
-    When the environment variable PF_PROXY_VSOCK_DIR names a directory, the vsock address
-    CID:PORT is the Unix stream socket $PF_PROXY_VSOCK_DIR/<CID>_<PORT>.sock, both for
-    listening and for connecting.
+    AF_VSOCK     real vsock (an enclave and its parent; a microVM's guest)
+    Emulation    when PF_PROXY_VSOCK_DIR names a directory, CID:PORT is the Unix stream socket
+                 $PF_PROXY_VSOCK_DIR/<CID>_<PORT>.sock, both for listening and connecting
+                 (tests and demos; it behaves as AF_VSOCK does, see below)
+    HybridVsock  a microVM's vsock device seen from the host (--vsock-uds PATH): listening on
+                 port P is the Unix socket PATH_P, connecting to port P the CONNECT/OK
+                 handshake on PATH (:mod:`pf_proxy.hybrid`)
+
+The emulation and hybrid vsock are both Unix sockets; they share the listening side and differ
+in what a path is, how a connect is made and what it can carry: hybrid vsock cannot pass a
+half-close, which its endpoints say (`half_close`) and the relay reads.
 
 Unix sockets with a filesystem path are reachable across network namespaces, so emulated
 vsock links an "enclave" namespace to a "host" namespace just as vsock would.
@@ -42,9 +51,13 @@ import random
 import re
 import socket
 import struct
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from pf_proxy import hybrid
 
 VSOCK_DIR_ENV = "PF_PROXY_VSOCK_DIR"
 VMADDR_CID_ANY = 0xFFFFFFFF  # linux/vm_sockets.h: listen on every local CID
@@ -274,17 +287,30 @@ async def connect_socket(sock: socket.socket, address: object) -> None:
 
 async def _writable(sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
-    ready = loop.create_future()
+    await _ready(sock, loop.add_writer, loop.remove_writer)
 
-    def on_writable() -> None:
+
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    await _ready(sock, loop.add_reader, loop.remove_reader)
+
+
+async def _ready(
+    sock: socket.socket,
+    watch: Callable[[int, Callable[[], None]], object],
+    forget: Callable[[int], object],
+) -> None:
+    ready = asyncio.get_running_loop().create_future()
+
+    def on_ready() -> None:
         if not ready.done():
             ready.set_result(None)
 
-    loop.add_writer(sock.fileno(), on_writable)
+    watch(sock.fileno(), on_ready)
     try:
         await ready
     finally:
-        loop.remove_writer(sock.fileno())
+        forget(sock.fileno())
 
 
 def _listen(sock: socket.socket, address: object, backlog: int | None) -> socket.socket:
@@ -318,8 +344,14 @@ class _Connectable:
     def _connect_error(self, exc: OSError) -> ConnectError:
         raise NotImplementedError
 
-    async def _connect_once(self) -> socket.socket:
+    async def _connect_once(self, deadline: float | None) -> socket.socket:
+        """One try, bounded by `deadline` (the loop's clock) where it has steps of its own."""
         raise NotImplementedError
+
+    @property
+    def half_close(self) -> bool:
+        """Whether a half-close (SHUT_WR) crosses to the peer, which can still send back."""
+        return True
 
     def finish_connect(self, sock: socket.socket) -> None:
         """A connect in progress ended (the socket became writable): `ConnectError` if it
@@ -333,122 +365,144 @@ class _Connectable:
         """A connected non-blocking socket; `ConnectError` names the address. With
         `retries`, a failure that may pass is tried again on its schedule."""
         if retries is None:
-            return await self._connect_once()
+            return await self._connect_once(None)
         loop = asyncio.get_running_loop()
+        refused: ConnectError | None = None  # the last failure that may pass
         while True:
             try:
-                return await self._connect_once()
+                return await self._connect_once(retries.deadline)
             except ConnectError as exc:
+                if exc.errno == errno.ETIMEDOUT and refused is not None:
+                    exc = refused  # the deadline cut a retry short: say why it was retried
                 delay = retries.delay(exc, loop.time())
                 if delay is None:
                     final = retries.final(exc, loop.time())
                     if final is exc:
                         raise
                     raise final from exc
+                refused = exc
             await asyncio.sleep(delay)
 
 
-class VsockEndpoint(_Connectable):
-    """A vsock address, real or emulated by a Unix socket in `emulation_dir`.
+class VsockTransport:
+    """How a vsock address becomes sockets. Three variants: real AF_VSOCK (`AF_VSOCK`), its
+    emulation by a Unix socket per CID and port (`Emulation`), and hybrid vsock, a microVM's
+    vsock device seen from the host (`HybridVsock`). The planes only see a `VsockEndpoint`;
+    what a transport cannot carry, they read from its properties (`half_close`)."""
 
-    `buffer_size` (bytes), when given, is each real vsock socket's SO_VM_SOCKETS_BUFFER_SIZE:
+    # A SHUT_WR reaches the peer as an end of stream, and the peer can still send back.
+    half_close = True
+
+    def describe(self, address: VsockAddress) -> str:
+        """How log lines and errors name `address` over this transport."""
+        return f"vsock {address}"
+
+    def check(self, address: VsockAddress, listening: bool) -> None:
+        """Raise AddressError if `address` cannot be listened on (or connected to) here."""
+
+    def target(self, address: VsockAddress) -> Any:
+        """What `start_connect` needs for `address`, made once per endpoint."""
+        return (address.cid, address.port)
+
+    def listen(
+        self, address: VsockAddress, backlog: int | None, buffer_size: int | None
+    ) -> socket.socket:
+        raise NotImplementedError
+
+    def listen_where(self, address: VsockAddress) -> str:
+        """Where a listener on `address` really is, for its bind error ("" if obvious)."""
+        return ""
+
+    def start_connect(self, target: Any, buffer_size: int | None) -> Connecting | None:
+        """Begin connecting (OSError if that fails at once); None if connecting takes a
+        task (`connect_once`)."""
+        raise NotImplementedError
+
+    async def connect_once(self, endpoint: VsockEndpoint, deadline: float | None) -> socket.socket:
+        return await _connect(endpoint, endpoint.start_connect())
+
+    def connect_error(self, address: VsockAddress, exc: OSError) -> ConnectError:
+        """`exc` as a `ConnectError` naming the address and what the error means for vsock;
+        ECONNRESET (no listener, or a full backlog) may pass."""
+        meaning = _VSOCK_CONNECT_ERRORS.get(exc.errno or 0, "").format(
+            self.describe(address), address=address
+        )
+        why = f"{meaning} ({exc.strerror})" if meaning else (exc.strerror or str(exc))
+        error = ConnectError(exc.errno, f"failed to connect to vsock endpoint {address}: {why}")
+        return _retryable(error) if exc.errno == errno.ECONNRESET else error
+
+
+class _AfVsock(VsockTransport):
+    """Real AF_VSOCK. `buffer_size`, when given, is each socket's SO_VM_SOCKETS_BUFFER_SIZE:
     the receive buffer that caps one connection's bytes in flight (vsock's flow control is
-    credit based). It is set on the listener before accept (accepted sockets inherit it) and
-    on a connecting socket before connect. The emulation has no such buffer and ignores it.
-    """
+    credit based), set on a listener before accept (accepted sockets inherit it) and on a
+    connecting socket before connect."""
 
-    def __init__(
-        self, address: VsockAddress, emulation_dir: Path | None, buffer_size: int | None = None
-    ) -> None:
-        self.address = address
-        self.emulation_dir = emulation_dir
-        self.buffer_size = buffer_size
-        # Where an emulated connect looks, in order: the CID's own socket, then CID-any's
-        # (strings made once: a Path per connection showed in profiles).
-        self._emulated_paths = (
-            (str(self.socket_path()), str(self.socket_path(VMADDR_CID_ANY)))
-            if emulation_dir is not None
-            else ()
-        )
-
-    def at_port(self, port: int) -> VsockEndpoint:
-        """The same CID, emulation and buffer size, another port."""
-        return VsockEndpoint(
-            VsockAddress(self.address.cid, port), self.emulation_dir, self.buffer_size
-        )
-
-    def _vsock_socket(self) -> socket.socket:
+    def _socket(self, buffer_size: int | None) -> socket.socket:
         sock = socket.socket(socket.AF_VSOCK, _NONBLOCKING_STREAM)
-        if self.buffer_size is not None:
+        if buffer_size is not None:
             try:
                 # The maximum first: a size above it is silently clamped. Integers only, as
                 # CPython passes every AF_VSOCK option as a 64-bit value.
-                sock.setsockopt(socket.AF_VSOCK, SO_VM_SOCKETS_BUFFER_MAX_SIZE, self.buffer_size)
-                sock.setsockopt(socket.AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, self.buffer_size)
+                sock.setsockopt(socket.AF_VSOCK, SO_VM_SOCKETS_BUFFER_MAX_SIZE, buffer_size)
+                sock.setsockopt(socket.AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, buffer_size)
             except BaseException:
                 sock.close()
                 raise
         return sock
 
-    def __str__(self) -> str:
-        return f"vsock {self.address}"
+    def listen(
+        self, address: VsockAddress, backlog: int | None, buffer_size: int | None
+    ) -> socket.socket:
+        return _listen(self._socket(buffer_size), (address.cid, address.port), backlog)
 
-    @property
-    def emulated(self) -> bool:
-        return self.emulation_dir is not None
+    def start_connect(self, target: Any, buffer_size: int | None) -> Connecting:
+        return _begin(self._socket(buffer_size), target)
 
-    def socket_path(self, cid: int | None = None) -> Path:
-        assert self.emulation_dir is not None
-        cid = self.address.cid if cid is None else cid
-        return self.emulation_dir / f"{cid}_{self.address.port}.sock"
 
-    def listen(self, backlog: int | None = None) -> socket.socket:
-        """A bound, listening, non-blocking socket; `BindError` names the address."""
-        try:
-            if self.emulation_dir is None:
-                sock = self._vsock_socket()
-                return _listen(sock, (self.address.cid, self.address.port), backlog)
-            path = self.socket_path()
-            _remove_stale_socket(path)
-            return _listen(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), str(path), backlog)
-        except OSError as exc:
-            where = f" (emulated at {self.socket_path()})" if self.emulated else ""
-            raise BindError(
-                exc.errno,
-                f"Failed to bind listener to vsock {self.address}{where}: {exc.strerror or exc}",
-            ) from exc
+AF_VSOCK = _AfVsock()
 
-    def listen_shared(self, backlog: int | None, count: int) -> list[socket.socket]:
-        """Listening sockets for `count` worker processes: AF_VSOCK (and the Unix socket
-        that emulates it) has no SO_REUSEPORT, so it is one socket, which every worker
-        inherits and accepts on (the list holds it `count` times)."""
-        return [self.listen(backlog)] * count
 
-    def start_connect(self) -> Connecting:
-        """Begin connecting without waiting; `ConnectError` names the address and says what
-        the error means for vsock (ECONNRESET: nobody listens, or the backlog is full)."""
-        try:
-            if self.emulation_dir is not None:
-                return self._connect_emulated()
-            return _begin(self._vsock_socket(), (self.address.cid, self.address.port))
-        except OSError as exc:
-            raise self._connect_error(exc) from exc
+class _UnixSockets(VsockTransport):
+    """What the two stand-ins on Unix stream sockets share: a listener is a socket file (a
+    stale one, nobody accepting on it, is replaced), and a reset read from a peer that
+    closed is only its end (`peer_close_is_eof`). vsock's buffer sizes do not apply."""
 
-    async def _connect_once(self) -> socket.socket:
-        return await _connect(self, self.start_connect())
+    def listen_path(self, address: VsockAddress) -> Path:
+        raise NotImplementedError
 
-    def _connect_error(self, exc: OSError) -> ConnectError:
-        meaning = _VSOCK_CONNECT_ERRORS.get(exc.errno or 0, "").format(self)
-        why = f"{meaning} ({exc.strerror})" if meaning else (exc.strerror or str(exc))
-        error = ConnectError(
-            exc.errno, f"failed to connect to vsock endpoint {self.address}: {why}"
-        )
-        return _retryable(error) if exc.errno == errno.ECONNRESET else error
+    def listen(
+        self, address: VsockAddress, backlog: int | None, buffer_size: int | None
+    ) -> socket.socket:
+        path = self.listen_path(address)
+        _remove_stale_socket(path)
+        return _listen(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), str(path), backlog)
 
-    def _connect_emulated(self) -> Connecting:
-        """Connect as AF_VSOCK would: a listener on VMADDR_CID_ANY takes every CID; no
-        listener, or a full backlog, is ECONNRESET at once (never EAGAIN, never a wait)."""
-        for path in self._emulated_paths:
+
+class Emulation(_UnixSockets):
+    """vsock emulated for tests and demos (PF_PROXY_VSOCK_DIR): CID:PORT is the Unix socket
+    `directory`/CID_PORT.sock, for listening and connecting alike. It connects as AF_VSOCK
+    would: a listener on VMADDR_CID_ANY takes every CID; no listener, or a full backlog, is
+    ECONNRESET at once (never EAGAIN, never a wait)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def socket_path(self, address: VsockAddress, cid: int | None = None) -> Path:
+        return self.directory / f"{address.cid if cid is None else cid}_{address.port}.sock"
+
+    listen_path = socket_path
+
+    def listen_where(self, address: VsockAddress) -> str:
+        return f" (emulated at {self.socket_path(address)})"
+
+    def target(self, address: VsockAddress) -> tuple[str, str]:
+        # The CID's own socket, then CID-any's: strings made once per endpoint (a Path per
+        # connection showed in profiles).
+        return str(self.socket_path(address)), str(self.socket_path(address, VMADDR_CID_ANY))
+
+    def start_connect(self, target: Any, buffer_size: int | None) -> Connecting:
+        for path in target:
             try:
                 return _begin(socket.socket(socket.AF_UNIX, _NONBLOCKING_STREAM), path)
             except OSError as exc:
@@ -459,8 +513,219 @@ class VsockEndpoint(_Connectable):
         raise _reset()  # nobody listens on either path
 
 
-async def _connect(endpoint: Endpoint, connecting: Connecting) -> socket.socket:
+# A hybrid handshake with no deadline of its own (a caller without a connect timeout) is
+# given this long.
+HANDSHAKE_TIMEOUT = 10.0
+VMADDR_CID_HOST = 2  # linux/vm_sockets.h: the host, as a guest addresses it
+_HYBRID_HINTS = {
+    hybrid.NO_LISTENER: " (nothing listens on guest port {port}, or not yet)",
+    hybrid.NOT_UP: " (the guest's vsock is not up yet)",
+}
+
+
+class HybridVsock(_UnixSockets):
+    """Hybrid vsock: the host side of a Firecracker or Cloud Hypervisor microVM (or of
+    vhost-device-vsock), whose vsock device is the Unix socket `uds_path`. One uds_path is
+    one VM, so the CID of an address only says which side it is:
+
+    - listening on CID:P is the guest's connect to the host (CID 2) port P, which the
+      backend passes to the Unix socket `uds_path`_P: CID 2 or -1 (any);
+    - connecting to CID:P is the CONNECT/OK handshake for guest port P on `uds_path`
+      (:mod:`pf_proxy.hybrid`); the protocol carries no CID, so CID is the guest's (3 or
+      more), whichever VM is behind uds_path.
+
+    Nothing is sent before OK (a backend drops bytes that come with the CONNECT line); the
+    handshake is bounded by the connect deadline, and a refusal that may pass (no listener
+    yet, the guest not up) is retried on the caller's `ConnectRetries`. Half-close does not
+    cross: a host SHUT_WR is a full shutdown for the guest (its reply would fail), and a
+    guest's SHUT_WR never reaches the host, so `half_close` is False.
+    """
+
+    half_close = False
+
+    def __init__(self, uds_path: Path) -> None:
+        self.uds_path = uds_path
+        self.path = str(uds_path)
+        self.handshakes = hybrid.Handshakes(self.path, Counter())
+
+    def describe(self, address: VsockAddress) -> str:
+        return f"hybrid vsock {address} ({self.uds_path})"
+
+    def check(self, address: VsockAddress, listening: bool) -> None:
+        if listening:
+            if address.cid not in (VMADDR_CID_HOST, VMADDR_CID_ANY):
+                raise AddressError(
+                    f"with --vsock-uds a listener is the host side of one VM, reached by the "
+                    f"guest at CID 2: use 2:{address.port} (or {VMADDR_CID_ANY}:{address.port})"
+                )
+        elif address.cid < 3 or address.cid == VMADDR_CID_ANY:
+            raise AddressError(
+                f"with --vsock-uds the upstream is the guest behind {self.uds_path}: its CID "
+                f"is 3 or more, not {address.cid}"
+            )
+
+    def listen_path(self, address: VsockAddress) -> Path:
+        return Path(f"{self.uds_path}_{address.port}")
+
+    def listen_where(self, address: VsockAddress) -> str:
+        return f" (hybrid, at {self.listen_path(address)})"
+
+    def start_connect(self, target: Any, buffer_size: int | None) -> None:
+        return None  # the handshake takes a task
+
+    async def connect_once(self, endpoint: VsockEndpoint, deadline: float | None) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if deadline is None:
+            deadline = started + HANDSHAKE_TIMEOUT
+        port = endpoint.address.port
+        sock = socket.socket(socket.AF_UNIX, _NONBLOCKING_STREAM)
+        try:
+            async with asyncio.timeout_at(deadline):
+                refused = await self._handshake(sock, port)
+        except TimeoutError:
+            sock.close()
+            self.handshakes.count(hybrid.TIMED_OUT)
+            raise self._failed(
+                endpoint.address,
+                errno.ETIMEDOUT,
+                hybrid.TIMED_OUT,
+                f"CONNECT {port}: no answer within {loop.time() - started:.2f} s",
+            ) from None
+        except BaseException:
+            sock.close()
+            raise
+        if refused is None:
+            self.handshakes.count(hybrid.CONNECTED)
+            return sock
+        sock.close()
+        self.handshakes.count(refused.outcome)
+        failure = self._failed(endpoint.address, refused.errno, refused.outcome, refused.detail)
+        if refused.outcome in (hybrid.NO_LISTENER, hybrid.NOT_UP):
+            _retryable(failure)
+        raise failure
+
+    async def _handshake(self, sock: socket.socket, port: int) -> _HybridRefusal | None:
+        """CONNECT, then read exactly the answer line (a peek finds its end: not a byte of
+        the guest's stream is taken). None once OK; else why not."""
+        try:
+            await connect_socket(sock, self.path)
+        except OSError as exc:
+            return _HybridRefusal(
+                exc.errno or errno.ECONNREFUSED,
+                hybrid.NOT_UP,
+                f"cannot connect to {self.path}: {exc.strerror or exc} (is the VM running?)",
+            )
+        request = hybrid.connect_request(port)
+        try:
+            sent = sock.send(request)
+        except OSError as exc:  # accepted, and closed at once
+            return self._cut(exc, f"CONNECT {port}: the backend closed before it was asked")
+        if sent != len(request):  # a fresh socket takes 20 bytes whole
+            return _HybridRefusal(errno.EPROTO, hybrid.BAD_ANSWER, "the CONNECT line was cut")
+        answer = b""
+        while True:
+            await _readable(sock)
+            try:
+                peeked = sock.recv(hybrid.MAX_ANSWER, socket.MSG_PEEK)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                return self._cut(exc, f"CONNECT {port}: the backend reset the connection before OK")
+            judged = hybrid.read_answer(answer + peeked, ended=not peeked)
+            if isinstance(judged, hybrid.Accepted):
+                sock.recv(judged.size - len(answer))  # the rest of the line, peeked already
+                return None
+            if isinstance(judged, hybrid.Refused):
+                code = errno.ECONNREFUSED if judged.outcome == hybrid.NO_LISTENER else errno.EPROTO
+                return _HybridRefusal(code, judged.outcome, f"CONNECT {port}: {judged.answer}")
+            answer += sock.recv(len(peeked))  # all of it is the answer line: no newline yet
+
+    @staticmethod
+    def _cut(exc: OSError, detail: str) -> _HybridRefusal:
+        """The stream broke before OK: the guest's side is not up (yet)."""
+        why = "" if exc.errno == errno.ECONNRESET else f" ({exc.strerror or exc})"
+        return _HybridRefusal(exc.errno or errno.ECONNRESET, hybrid.NOT_UP, f"{detail}{why}")
+
+    def _failed(self, address: VsockAddress, code: int, outcome: str, detail: str) -> ConnectError:
+        hint = _HYBRID_HINTS.get(outcome, "").format(port=address.port)
+        words = outcome.replace("_", " ")
+        return ConnectError(
+            code, f"failed to connect to {self.describe(address)}: {words}: {detail}{hint}"
+        )
+
+
+class _HybridRefusal(NamedTuple):
+    errno: int
+    outcome: str
+    detail: str
+
+
+class VsockEndpoint(_Connectable):
+    """A vsock address over one of the three transports (`AF_VSOCK` by default).
+
+    `buffer_size` (bytes), when given, is each real vsock socket's receive buffer (see
+    `_AfVsock`); the stand-ins on Unix sockets ignore it.
+    """
+
+    def __init__(
+        self,
+        address: VsockAddress,
+        transport: VsockTransport = AF_VSOCK,
+        buffer_size: int | None = None,
+    ) -> None:
+        self.address = address
+        self.transport = transport
+        self.buffer_size = buffer_size
+        self._target = transport.target(address)
+
+    def at_port(self, port: int) -> VsockEndpoint:
+        """The same CID, transport and buffer size, another port."""
+        return VsockEndpoint(VsockAddress(self.address.cid, port), self.transport, self.buffer_size)
+
+    def __str__(self) -> str:
+        return self.transport.describe(self.address)
+
+    @property
+    def half_close(self) -> bool:
+        return self.transport.half_close
+
+    def listen(self, backlog: int | None = None) -> socket.socket:
+        """A bound, listening, non-blocking socket; `BindError` names the address."""
+        try:
+            return self.transport.listen(self.address, backlog, self.buffer_size)
+        except OSError as exc:
+            where = self.transport.listen_where(self.address)
+            raise BindError(
+                exc.errno,
+                f"Failed to bind listener to vsock {self.address}{where}: {exc.strerror or exc}",
+            ) from exc
+
+    def listen_shared(self, backlog: int | None, count: int) -> list[socket.socket]:
+        """Listening sockets for `count` worker processes: AF_VSOCK (and the Unix sockets
+        that stand in for it) has no SO_REUSEPORT, so it is one socket, which every worker
+        inherits and accepts on (the list holds it `count` times)."""
+        return [self.listen(backlog)] * count
+
+    def start_connect(self) -> Connecting | None:
+        """Begin connecting without waiting; None if connecting takes a task (`connect`).
+        `ConnectError` names the address and says what the error means for vsock
+        (ECONNRESET: nobody listens, or the backlog is full)."""
+        try:
+            return self.transport.start_connect(self._target, self.buffer_size)
+        except OSError as exc:
+            raise self._connect_error(exc) from exc
+
+    async def _connect_once(self, deadline: float | None) -> socket.socket:
+        return await self.transport.connect_once(self, deadline)
+
+    def _connect_error(self, exc: OSError) -> ConnectError:
+        return self.transport.connect_error(self.address, exc)
+
+
+async def _connect(endpoint: Endpoint, connecting: Connecting | None) -> socket.socket:
     """Wait for a connect `endpoint.start_connect()` began; the connected socket."""
+    assert connecting is not None, "an endpoint that connects in a task has a connect_once"
     sock = connecting.sock
     if not connecting.done:
         try:
@@ -479,7 +744,7 @@ def _reset() -> OSError:
 # What a failed vsock connect means, by errno (observed over real AF_VSOCK; see vsock.md).
 _VSOCK_CONNECT_ERRORS = {
     errno.ECONNRESET: "nobody listens on {0}, or its listen backlog is full",
-    errno.ENODEV: "no such CID: nothing at {0.address.cid} is reachable over vsock",
+    errno.ENODEV: "no such CID: nothing at {address.cid} is reachable over vsock",
     errno.ETIMEDOUT: "{0} did not answer within the kernel's vsock connect timeout",
 }
 
@@ -618,7 +883,7 @@ class IpEndpoint(_Connectable):
         except OSError as exc:
             raise self._connect_error(exc) from exc
 
-    async def _connect_once(self) -> socket.socket:
+    async def _connect_once(self, deadline: float | None) -> socket.socket:
         """A host name is resolved, and each of its addresses tried in turn."""
         connecting = self.start_connect()
         if connecting is not None:
@@ -660,6 +925,26 @@ def emulation_dir_from_env() -> Path | None:
     return Path(value) if value else None
 
 
-def vsock_endpoint(address: VsockAddress, buffer_size: int | None = None) -> VsockEndpoint:
-    """A vsock endpoint, emulated when PF_PROXY_VSOCK_DIR is set."""
-    return VsockEndpoint(address, emulation_dir_from_env(), buffer_size)
+def vsock_transport(uds_path: Path | None = None) -> VsockTransport:
+    """Hybrid vsock through `uds_path` if given; else the emulation when PF_PROXY_VSOCK_DIR
+    is set; else real AF_VSOCK. AddressError if both of the first two are asked for."""
+    emulation_dir = emulation_dir_from_env()
+    if uds_path is None:
+        return AF_VSOCK if emulation_dir is None else Emulation(emulation_dir)
+    if emulation_dir is not None:
+        raise AddressError(f"hybrid vsock and the emulation ({VSOCK_DIR_ENV}) exclude each other")
+    return HybridVsock(uds_path)
+
+
+def vsock_endpoint(
+    address: VsockAddress,
+    buffer_size: int | None = None,
+    transport: VsockTransport | None = None,
+    *,
+    listening: bool = False,
+) -> VsockEndpoint:
+    """A vsock endpoint over `transport` (default: `vsock_transport()`); AddressError if
+    the address cannot be used that way (`listening` or connecting) there."""
+    transport = vsock_transport() if transport is None else transport
+    transport.check(address, listening)
+    return VsockEndpoint(address, transport, buffer_size)

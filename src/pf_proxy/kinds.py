@@ -25,6 +25,11 @@ class Kind:
     plane: str  # tcp, udp or raw
     listens: str  # what its listener is: tcp, udp, vsock (stream) or nfqueue
     listen_option: str  # the parameter naming it
+    vsock_option: str = "vsock_addr"  # the parameter naming its vsock side
+
+    @property
+    def listens_on_vsock(self) -> bool:
+        return self.listens == "vsock"
 
     @property
     def _function(self) -> str:
@@ -48,7 +53,7 @@ KINDS = {
         Kind("ip-to-vsock", _TCP, "tcp", "tcp", "ip_addr"),
         Kind("vsock-to-ip-transparent", _TCP, "tcp", "vsock", "vsock_addr"),
         Kind("ip-to-vsock-transparent", _TCP, "tcp", "tcp", "ip_addr"),
-        Kind("transparent-port-to-vsock", _TCP, "tcp", "tcp", "ip_addr"),
+        Kind("transparent-port-to-vsock", _TCP, "tcp", "tcp", "ip_addr", "cid"),
         Kind("vsock-to-ip-proxy", _TCP, "tcp", "vsock", "vsock_addr"),
         Kind("ip-to-vsock-raw-incoming", _RAW, "raw", "nfqueue", "queue_num"),
         Kind("ip-to-vsock-raw-outgoing", _RAW, "raw", "nfqueue", "queue_num"),

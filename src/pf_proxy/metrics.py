@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from pf_proxy import __version__
-from pf_proxy.current import proxy_name
+from pf_proxy.current import owner, proxy_name
 from pf_proxy.endpoints import BindError, IpAddress, IpEndpoint
 
 if TYPE_CHECKING:
@@ -51,15 +51,25 @@ Source = Callable[[], Iterable["Metric"]]
 # What /metrics serves besides the process's own figures: each data plane's source, with the
 # name of the proxy it serves (None in a single command). Only when somebody scrapes are the
 # sources read and prometheus_client imported: a proxy without --metrics never loads it.
-_sources: list[tuple[str | None, Source]] = []
+_sources: list[tuple[str | None, object | None, Source]] = []
 
 
 def register(source: Source) -> Callable[[], None]:
     """Add a data plane's metric families to what /metrics serves (collected per scrape),
     labelled with the proxy being served here, if any; returns what takes them out again."""
-    entry = (proxy_name(), source)
+    entry = (proxy_name(), owner(), source)
     _sources.append(entry)
-    return lambda: _sources.remove(entry)
+
+    def unregister() -> None:
+        if entry in _sources:
+            _sources.remove(entry)
+
+    return unregister
+
+
+def forget(start: object) -> None:
+    """Take out every source registered under `start` (a proxy's start, `current.owner`)."""
+    _sources[:] = [entry for entry in _sources if entry[1] is not start]
 
 
 def describe_command(command: str) -> Callable[[], None]:
@@ -84,7 +94,7 @@ def collect() -> Iterable[Metric]:
     from prometheus_client.samples import Sample
 
     merged: dict[str, Metric] = {}
-    for proxy, source in list(_sources):
+    for proxy, _, source in list(_sources):
         for family in source():
             into = merged.get(family.name)
             if into is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import functools
 import logging
 import signal
 import socket
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pf_proxy import metrics, runtime
-from pf_proxy.current import enter_proxy
+from pf_proxy.current import enter_proxy, owner
 from pf_proxy.endpoints import BindError, IpAddress
 from pf_proxy.runtime import Ready, Stop
 
@@ -78,6 +79,16 @@ class _Prepared:
     spec: Spec
     plan: Plan
     sockets: list[socket.socket]  # one per worker that serves it (or none)
+    context: contextvars.Context  # the proxy's own (see `_own_context`)
+
+
+def _own_context(spec: Spec) -> contextvars.Context:
+    """A context for one start of the proxy `spec`: its plan is built and it serves in it, so
+    its log lines carry its name and what it registers (metric sources) its label, and all it
+    registered is taken out when it stops."""
+    context = contextvars.copy_context()
+    context.run(enter_proxy, spec.name)
+    return context
 
 
 def _prepare(
@@ -88,14 +99,15 @@ def _prepare(
     prepared: list[_Prepared] = []
     try:
         for spec in specs:
+            context = _own_context(spec)
             try:
-                plan = build(spec)
+                plan = context.run(build, spec)
                 sockets = plan.bind(sockets_for(spec))
             except (PlanError, BindError) as exc:
                 where = f"{spec}: " if spec.name else ""
                 what = exc.strerror if isinstance(exc, BindError) and exc.strerror else exc
                 raise PlanError(f"{where}{what}") from exc
-            prepared.append(_Prepared(spec, plan, sockets))
+            prepared.append(_Prepared(spec, plan, sockets, context))
     except BaseException:
         for item in prepared:
             for sock in set(item.sockets):
@@ -225,7 +237,9 @@ class Proxies:
         stopping.add_done_callback(lambda _: self.changed.set())
         self.waiting_ready = len(prepared)
         for item in prepared:
-            self._start(item.spec, item.plan, item.sockets[0] if item.sockets else None)
+            self._start(
+                item.spec, item.plan, item.sockets[0] if item.sockets else None, item.context
+            )
         code = 0
         while not process_stop.is_set():
             await self.changed.wait()
@@ -241,13 +255,18 @@ class Proxies:
         stopping.cancel()
         return max(code, await self._stop_all())
 
-    def _start(self, spec: Spec, plan: Plan, sock: socket.socket | None) -> _Running:
-        """Serve `spec` in a context of its own; its name labels its lines and metrics."""
-        context = contextvars.copy_context()
-        if spec.name:
-            context.run(enter_proxy, spec.name)
+    def _start(
+        self,
+        spec: Spec,
+        plan: Plan,
+        sock: socket.socket | None,
+        context: contextvars.Context,
+    ) -> _Running:
+        """Serve `spec` in its own context (`_own_context`, where its plan was built)."""
         stop = Stop()
-        unregister = context.run(metrics.describe_command, spec.kind)
+        context.run(metrics.describe_command, spec.kind)
+        start = context.run(owner)
+        unregister = functools.partial(metrics.forget, start)
         task = asyncio.get_running_loop().create_task(
             plan.serve(sock, stop, self._ready_once()), context=context
         )
@@ -382,35 +401,45 @@ class Reloader:
         old.stop.set(process_stopping=False)
 
     def _replace(self, old: _Running | None, spec: Spec) -> None:
+        context = _own_context(spec)
         try:
-            plan = self.build(spec)
+            plan = context.run(self.build, spec)
         except PlanError as exc:
+            metrics.forget(context.run(owner))
             self._not_applied(old, spec, exc)
             return
         if old is None:
-            self._bind_and_start(spec, plan)
+            self._bind_and_start(spec, plan, context)
         elif old.sock is not None and _can_hand_over(old.spec, spec):
             sock = old.sock.dup()  # before the old one closes its own
             self._stop(old, "changed")
-            self._start(spec, plan, sock, "on the listener it had")
+            self._start(spec, plan, sock, context, "on the listener it had")
         else:
             # A datagram socket cannot be shared (each datagram would go to either), and a
             # raw proxy's queue or listener is opened by the proxy itself: the old one
             # drains and lets go first.
             self._stop(old, "changed")
-            old.task.add_done_callback(lambda _: self._bind_and_start(spec, plan))
+            old.task.add_done_callback(lambda _: self._bind_and_start(spec, plan, context))
 
-    def _bind_and_start(self, spec: Spec, plan: Plan) -> None:
+    def _bind_and_start(self, spec: Spec, plan: Plan, context: contextvars.Context) -> None:
         try:
             sockets = plan.bind(1)
         except BindError as exc:
+            metrics.forget(context.run(owner))
             self._not_applied(None, spec, exc)
             return
-        self._start(spec, plan, sockets[0] if sockets else None, "")
+        self._start(spec, plan, sockets[0] if sockets else None, context, "")
 
-    def _start(self, spec: Spec, plan: Plan, sock: socket.socket | None, how: str) -> None:
+    def _start(
+        self,
+        spec: Spec,
+        plan: Plan,
+        sock: socket.socket | None,
+        context: contextvars.Context,
+        how: str,
+    ) -> None:
         self.proxies.waiting_ready += 1
-        self.proxies._start(spec, plan, sock)
+        self.proxies._start(spec, plan, sock, context)
         log.info("Reload: %s started%s", spec, f" {how}" if how else "")
 
     def _not_applied(self, old: _Running | None, spec: Spec, exc: Exception) -> None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.integration.helpers import EchoServer
 
 
 @pytest.fixture(params=["splice", "copy"])
@@ -19,10 +16,3 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
     if request.param == "copy":
         values["PF_PROXY_NO_SPLICE"] = "1"
     return values
-
-
-@pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    server = EchoServer()
-    yield server
-    server.close()

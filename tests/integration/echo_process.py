@@ -6,6 +6,8 @@
     python -m tests.integration.echo_process unix /path/to/88_5000.sock
     python -m tests.integration.echo_process vsock CID PORT   (inside the guest stage only)
     python -m tests.integration.echo_process udp HOST PORT
+    python -m tests.integration.echo_process tcp-reply 127.0.0.1 PORT SIZE   (reads SIZE bytes,
+                                              answers reply_for(them), closes: no EOF needed)
 
 Prints "ready" once listening, then echoes every byte of every connection and half-closes
 after the peer does; over UDP, sends every datagram back to where it came from. A stale
@@ -14,10 +16,13 @@ socket file at the Unix path is replaced.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 
 from tests.vsocks import in_guest
 
@@ -28,6 +33,22 @@ def echo(conn: socket.socket) -> None:
             while data := conn.recv(1 << 16):
                 conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def reply_for(request: bytes) -> bytes:
+    """What `tcp-reply` answers to `request`: 128 KiB that depend on every byte of it."""
+    return hashlib.sha256(request).hexdigest().encode() * 2048
+
+
+def reply(conn: socket.socket, size: int) -> None:
+    with conn:
+        try:
+            request = b""
+            while len(request) < size and (chunk := conn.recv(size - len(request))):
+                request += chunk
+            conn.sendall(reply_for(request))
         except OSError:
             pass
 
@@ -58,7 +79,10 @@ def main() -> None:
         print("ready", flush=True)
         threading.Event().wait()
         return
-    if kind == "tcp":
+    serve: Callable[[socket.socket], None] = echo
+    if kind == "tcp-reply":
+        serve = functools.partial(reply, size=int(sys.argv[4]))
+    if kind in ("tcp", "tcp-reply"):
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((sys.argv[2], int(sys.argv[3])))
@@ -77,7 +101,7 @@ def main() -> None:
     print("ready", flush=True)
     while True:
         conn, _ = listener.accept()
-        threading.Thread(target=echo, args=(conn,), daemon=True).start()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -222,6 +222,17 @@ def exchange_on(sock: socket.socket, address: Any, payload: bytes) -> bytes:
         return b"".join(chunks)
 
 
+def round_trip(port: int, payload: bytes, timeout: float = 30) -> bytes:
+    """Send `payload` at once to an echo behind 127.0.0.1:`port` and read as much back,
+    without a half-close (which does not cross hybrid vsock)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as client:
+        sender = threading.Thread(target=client.sendall, args=(payload,))
+        sender.start()
+        received = recv_exactly(client, len(payload))
+        sender.join(timeout)
+        return received
+
+
 def exchange(
     address: Any, payload: bytes, *, family: int = socket.AF_INET, timeout: float = 30
 ) -> bytes:

@@ -18,12 +18,15 @@ import click
 import pytest
 
 from pf_proxy import config
+from pf_proxy.endpoints import HybridVsock, vsock_endpoint
 from pf_proxy.runner import Spec
 from pf_proxy.tcp.access import AccessPolicy, parse_cidr
 from tests.integration.helpers import console_scripts
 
 CONTRIB = Path(__file__).parents[2] / "contrib"
 UNITS = sorted((CONTRIB / "systemd").glob("*.service"))
+# The host side of microVMs: their vsock is hybrid vsock, a Unix socket (uds_path).
+MICROVM_UNITS = [unit for unit in UNITS if "--vsock-uds" in unit.read_text()]
 INSTALLED_BIN = "/opt/pf-proxy/bin/"
 RAW_CAPABILITIES = {"CAP_NET_ADMIN", "CAP_NET_RAW"}
 
@@ -162,6 +165,30 @@ def test_example_run_files_pass_pf_proxy_check(path: Path) -> None:
         done = subprocess.run(args, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines()[-1].endswith(" no errors"), done.stdout
+
+
+def test_there_is_a_unit_for_the_host_side_of_a_microvm() -> None:
+    assert MICROVM_UNITS
+
+
+@pytest.mark.parametrize("unit", MICROVM_UNITS, ids=lambda unit: unit.stem)
+def test_a_microvm_unit_can_make_and_reach_its_hybrid_vsock_sockets(unit: Path) -> None:
+    """Its address fits hybrid vsock (a listener is the host, CID 2; an upstream the guest);
+    the VMM's directory is writable (a listener on port P is the socket uds_path_P, made
+    there), and the unit runs as a user of its own that the VMM can share sockets with, not
+    a dynamic one."""
+    service = parse_unit(unit)["Service"]
+    name, ctx = parse_command_line(service["ExecStart"][0])
+    uds = ctx.params["vsock_uds"]
+    vsock_endpoint(
+        ctx.params["vsock_addr"], transport=HybridVsock(uds), listening=name.startswith("vsock-to-")
+    )
+    assert str(uds.parent) in " ".join(service["ReadWritePaths"]).split()
+    families = " ".join(service["RestrictAddressFamilies"]).split()
+    assert "AF_UNIX" in families
+    assert "AF_VSOCK" not in families  # the host side of a microVM has no AF_VSOCK
+    assert service.get("DynamicUser", ["no"]) == ["no"]
+    assert service["User"] and service["Group"]
 
 
 def unit_policy(unit: str) -> AccessPolicy:

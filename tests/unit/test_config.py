@@ -35,6 +35,7 @@ SAMPLES: dict[str, object] = {
     "ip-file": "/etc/enclave-ip.txt",
     "backlog": 4096,
     "request-timeout": 7,
+    "vsock-uds": "/run/vm1/v.sock",
 }
 
 
@@ -59,6 +60,8 @@ def test_a_file_converts_each_option_as_its_flag_does(kind: str) -> None:
     table, args = [f'kind = "{kind}"'], []
     for key, param in keys.items():
         value = SAMPLES[key]
+        if key == "vsock-addr" and KINDS[kind].listens_on_vsock:
+            value = "2:5000"  # with --vsock-uds, a listener is the host's side: CID 2
         table.append(f"{key} = {_toml(value)}")
         if param.is_flag:
             args.append(f"--{key}")
@@ -108,7 +111,7 @@ GOOD = '[proxy.web]\nkind = "ip-to-vsock"\nip-addr = "127.0.0.1:8080"\nvsock-add
             GOOD + "colour = 1\n",
             ["f.toml:5: proxy.web.colour: not an option of ip-to-vsock (its options: "
              "backlog, connect-timeout, drain-timeout, idle-timeout, ip-addr, metrics, "
-             "vsock-addr, vsock-buffer-size, workers)"],
+             "vsock-addr, vsock-buffer-size, vsock-uds, workers)"],
         ),
         (  # a wrong type
             GOOD + "connect-timeout = \"10\"\n",
@@ -360,3 +363,18 @@ def test_egress_through_an_explicit_proxy() -> None:
     assert enclave.options["vsock_addr"] == parent.options["vsock_addr"]
     assert [str(p) for p in parent.options["allow_hosts"]] == ["api.example.com:443"]
     assert parse(text, "f.toml", "enclave").rules == ["ip link set lo up"]  # no REDIRECT
+
+
+def test_a_hybrid_vsock_side_is_checked_as_a_whole() -> None:
+    """--vsock-uds with an address hybrid vsock cannot use: the file's line, as the command's
+    usage error would say it."""
+    text = (
+        '[proxy.guest-in]\nkind = "vsock-to-ip"\nvsock-addr = "88:5000"\n'
+        'ip-addr = "127.0.0.1:80"\nvsock-uds = "/run/vm1/v.sock"\n'
+    )
+    assert errors_of(text) == [
+        "f.toml:3: proxy.guest-in.vsock-addr: '88:5000': with --vsock-uds a listener is the host "
+        "side of one VM, reached by the guest at CID 2: use 2:5000 (or 4294967295:5000)"
+    ]
+    fixed = parse(text.replace("88:5000", "2:5000"), "f.toml").specs[0]
+    assert str(fixed.options["vsock_uds"]) == "/run/vm1/v.sock"

@@ -19,6 +19,7 @@ from pf_proxy.endpoints import (
     RETRY_FIRST,
     ConnectError,
     ConnectRetries,
+    Emulation,
     VsockAddress,
     VsockEndpoint,
 )
@@ -116,7 +117,7 @@ async def _connection(
 
 
 def test_a_listener_that_comes_late_is_reached_by_retrying(tmp_path: Path) -> None:
-    endpoint = VsockEndpoint(VsockAddress(88, 5000), tmp_path)
+    endpoint = VsockEndpoint(VsockAddress(88, 5000), Emulation(tmp_path))
 
     async def scenario() -> tuple[Ended, bytes]:
         connection, ended, client = await _connection(endpoint, connect_timeout=WAIT)
@@ -143,7 +144,7 @@ def test_a_listener_that_comes_late_is_reached_by_retrying(tmp_path: Path) -> No
 def test_no_listener_ever_ends_before_the_connect_timeout_saying_so(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    endpoint = VsockEndpoint(VsockAddress(88, 5000), tmp_path)
+    endpoint = VsockEndpoint(VsockAddress(88, 5000), Emulation(tmp_path))
 
     async def scenario() -> Ended:
         poller(asyncio.get_running_loop())
@@ -166,7 +167,7 @@ def test_no_listener_ever_ends_before_the_connect_timeout_saying_so(
 
 
 def test_the_drain_ends_a_connection_waiting_to_retry(tmp_path: Path) -> None:
-    endpoint = VsockEndpoint(VsockAddress(88, 5000), tmp_path)
+    endpoint = VsockEndpoint(VsockAddress(88, 5000), Emulation(tmp_path))
 
     async def scenario() -> Ended:
         loop = asyncio.get_running_loop()
@@ -191,7 +192,7 @@ def test_the_drain_ends_a_connection_waiting_to_retry(tmp_path: Path) -> None:
 
 
 def test_connect_with_retries_waits_for_a_late_listener(tmp_path: Path) -> None:
-    endpoint = VsockEndpoint(VsockAddress(88, 5001), tmp_path)
+    endpoint = VsockEndpoint(VsockAddress(88, 5001), Emulation(tmp_path))
 
     async def scenario() -> int:
         loop = asyncio.get_running_loop()
@@ -208,7 +209,7 @@ def test_connect_with_retries_waits_for_a_late_listener(tmp_path: Path) -> None:
 
 
 def test_connect_with_retries_gives_up_inside_the_deadline(tmp_path: Path) -> None:
-    endpoint = VsockEndpoint(VsockAddress(88, 5002), tmp_path)
+    endpoint = VsockEndpoint(VsockAddress(88, 5002), Emulation(tmp_path))
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()

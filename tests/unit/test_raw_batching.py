@@ -17,10 +17,11 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import pytest
 
+from pf_proxy.endpoints import HybridVsock, VsockAddress, VsockEndpoint
 from pf_proxy.raw import forward
 from pf_proxy.raw.policy import Drop
 from pf_proxy.raw.rawsock import SEND_BATCH, PacketRejected
@@ -102,6 +103,8 @@ class ScriptedSender:
 class UnixListener:
     """Stands in for the vsock endpoint: a Unix stream socket listening at `path`."""
 
+    half_close = True
+
     def __init__(self, path: Path) -> None:
         self.path = path
 
@@ -133,20 +136,26 @@ def run_forwarder(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     scenario: Callable[[forward.VsockToDevice, socket.socket], Awaitable[T]],
+    hybrid: bool = False,
 ) -> T:
-    """Run a VsockToDevice with scripted raw sockets, connect a client, play `scenario`."""
+    """Run a VsockToDevice with scripted raw sockets, connect a client, play `scenario`.
+    With `hybrid`, it listens on hybrid vsock, where the backend connects for the guest."""
     ScriptedSender.opened = []
     monkeypatch.setattr(forward, "RawSender", ScriptedSender)
 
     async def main() -> T:
-        listener = UnixListener(tmp_path / "link.sock")
-        forwarder = forward.VsockToDevice(listener, "eth0", check)  # type: ignore[arg-type]
+        listener: Any = UnixListener(tmp_path / "link.sock")
+        path = listener.path
+        if hybrid:
+            listener = VsockEndpoint(VsockAddress(2, 1200), HybridVsock(tmp_path / "vm.vsock"))
+            path = tmp_path / "vm.vsock_1200"
+        forwarder = forward.VsockToDevice(listener, "eth0", check)
         running = asyncio.ensure_future(forwarder.run())
         try:
-            await until(lambda: listener.path.exists(), "the listener")
+            await until(lambda: path.exists(), "the listener")
             client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             with client:
-                client.connect(str(listener.path))
+                client.connect(str(path))
                 await until(lambda: forwarder.link_up, "the connection")
                 return await scenario(forwarder, client)
         finally:
@@ -281,3 +290,23 @@ def test_a_malformed_stream_after_a_full_socket_sends_what_came_before_then_drop
         assert forwarder.idle.is_set()
 
     run_forwarder(tmp_path, monkeypatch, scenario)
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["vsock", "hybrid"])
+def test_the_link_is_shut_for_writing_where_that_does_not_end_the_peers_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hybrid: bool
+) -> None:
+    """Nothing goes back on the link: over vsock its writing side is shut down, and the peer
+    reads EOF. On hybrid vsock a SHUT_WR would be a full shutdown for the guest, so it is
+    not sent: the guest's stream stays open (and the packets flow either way)."""
+
+    async def scenario(forwarder: forward.VsockToDevice, client: socket.socket) -> bool:
+        client.sendall(ipv4(100))
+        await until(lambda: forwarder.stats.packets == 1, "the packet")
+        client.setblocking(False)
+        try:
+            return client.recv(1) == b""
+        except BlockingIOError:
+            return False
+
+    assert run_forwarder(tmp_path, monkeypatch, scenario, hybrid) is not hybrid

@@ -21,6 +21,7 @@ import pytest
 from pf_proxy.endpoints import (
     ConnectError,
     Connecting,
+    Emulation,
     Endpoint,
     VsockAddress,
     VsockEndpoint,
@@ -50,6 +51,8 @@ class VsockLike(socket.socket):
 
 class ConnectedAlready:
     """An upstream endpoint whose connect is done: `sock`."""
+
+    half_close = True
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -277,7 +280,7 @@ def test_an_emulated_reset_is_the_end_of_that_direction(use_splice: bool) -> Non
 
 
 def test_no_emulated_listener_is_a_reset_naming_the_address(tmp_path: Path) -> None:
-    endpoint = VsockEndpoint(VsockAddress(88, 5000), tmp_path)
+    endpoint = VsockEndpoint(VsockAddress(88, 5000), Emulation(tmp_path))
     with pytest.raises(ConnectError) as failure:
         asyncio.run(endpoint.connect())
     assert failure.value.errno == errno.ECONNRESET
@@ -292,7 +295,7 @@ def test_a_full_emulated_backlog_is_a_reset_at_once_not_a_socket_that_never_conn
 ) -> None:
     """A non-blocking connect to a full Unix backlog says EAGAIN; it used to be taken for
     'in progress' and relayed, failing later with EINVAL on a socket that never connected."""
-    endpoint = VsockEndpoint(VsockAddress(88, 5001), tmp_path)
+    endpoint = VsockEndpoint(VsockAddress(88, 5001), Emulation(tmp_path))
     listener = endpoint.listen(backlog=0)
     queued = []
     try:
@@ -300,7 +303,8 @@ def test_a_full_emulated_backlog_is_a_reset_at_once_not_a_socket_that_never_conn
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.setblocking(False)
             queued.append(sock)
-            if sock.connect_ex(str(endpoint.socket_path())) == errno.EAGAIN:
+            path = Emulation(tmp_path).socket_path(endpoint.address)
+            if sock.connect_ex(str(path)) == errno.EAGAIN:
                 break
             assert len(queued) < 10, "the backlog never filled"
 
@@ -320,9 +324,9 @@ def test_a_full_emulated_backlog_is_a_reset_at_once_not_a_socket_that_never_conn
 
 
 def test_a_listener_on_cid_any_takes_every_cid_in_the_emulation(tmp_path: Path) -> None:
-    listener = VsockEndpoint(VsockAddress(0xFFFFFFFF, 5002), tmp_path).listen()
+    listener = VsockEndpoint(VsockAddress(0xFFFFFFFF, 5002), Emulation(tmp_path)).listen()
     try:
-        sock = asyncio.run(VsockEndpoint(VsockAddress(88, 5002), tmp_path).connect())
+        sock = asyncio.run(VsockEndpoint(VsockAddress(88, 5002), Emulation(tmp_path)).connect())
         with sock:
             conn, _ = listener.accept()
             conn.close()

@@ -51,7 +51,9 @@ hostname pf-proxy-guest
 release=$(uname -r)
 mkdir -p /lib/modules && ln -sfn "$MODULES_DIR" "/lib/modules/$release" \
     || fail "linking /lib/modules/$release to $MODULES_DIR"
-modprobe vsock_loopback || fail "modprobe vsock_loopback"
+# vsock_loopback (CID 1: local listeners), or for the hybrid stage the virtio transport of the
+# vhost-user-vsock device (VSOCK_MODULE from settings.sh).
+modprobe "${VSOCK_MODULE:-vsock_loopback}" || fail "modprobe ${VSOCK_MODULE:-vsock_loopback}"
 # Preloaded so iptables-nft REDIRECT, NFQUEUE and ipset work at once in any network namespace
 # (the kernel would autoload most of them, one request at a time). One modprobe: each costs.
 modprobe -a veth nf_tables nft_compat nft_chain_nat nf_nat nf_conntrack xt_REDIRECT \

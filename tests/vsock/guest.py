@@ -8,6 +8,17 @@ plus a writable 9p share, a fresh temporary directory, for the command, its outp
 (and files the command leaves in $PF_PROXY_GUEST_COLLECT, copied out with `--collect DIR`).
 
     python -m tests.vsock.guest [--timeout S] [--memory MB] [--env K=V ...] -- CMD ARGS...
+    python -m tests.vsock.guest --hybrid [...] -- CMD ARGS...
+
+With --hybrid (the hybrid stage, tests/hybrid) the guest's vsock is a vhost-user-vsock-pci
+device behind rust-vmm's vhost-device-vsock, the host side of Firecracker's and Cloud
+Hypervisor's hybrid vsock (a Unix socket, uds_path), and the guest loads
+vmw_vsock_virtio_transport instead of vsock_loopback (its CID is HYBRID_CID; the host is CID
+2). The guest runs `tests.hybrid.agent`; CMD runs here, on the host, once the agent is up,
+with the variables tests/hybrid/__init__.py names, and its exit status is the harness's. The
+backend is $PF_PROXY_VHOST_DEVICE_VSOCK, or vhost-device-vsock on PATH, or built once by
+../shared/hybrid/build.sh beside the checkout; without one the stage cannot run (exit 77, or
+1 with PF_PROXY_REQUIRE_GUEST=1). Users get it with `cargo install vhost-device-vsock`.
 
 Assets, built on first use and cached in `.cache/vsock-guest/` (`--rebuild` redoes them): the
 newest Debian `linux-image-6.1.0-NN-amd64` from `apt-cache search`, fetched with `apt-get
@@ -66,6 +77,13 @@ NOT_PASSED = re.compile(r"^PF_PROXY_(VSOCK_DIR|GUEST\w*)$")
 # (`python -c "import pytest"` took 12.7 s with them, 6.3 s without).
 APPEND = "console=ttyS0 quiet panic=-1 mitigations=off pf_proxy_guest=1"
 PYCACHE = CACHE / "pycache"  # PYTHONPYCACHEPREFIX in the guest: compiled once, reused
+# The hybrid stage (--hybrid): the backend, the guest's CID behind it, and the agent.
+BACKEND = "vhost-device-vsock"
+BACKEND_ENV = "PF_PROXY_VHOST_DEVICE_VSOCK"
+BUILD_SCRIPT = CHECKOUT.parent / "shared" / "hybrid" / "build.sh"
+BUILT_BACKEND = Path(os.environ.get("HYBRID_BASE", "/var/tmp/hybrid")) / "bin" / BACKEND
+HYBRID_CID = 3
+AGENT = "agent"  # its directory in the results share
 
 # Stage 1, the initramfs's /init (busybox sh). Mounts / (read-only 9p) under an overlay with a
 # tmpfs upper layer, mounts the results share at /pf-proxy-guest in it and switches to stage 2.
@@ -333,6 +351,78 @@ def assets(rebuild: bool) -> tuple[Kernel, Path]:
         return kernel, initramfs
 
 
+def find_backend() -> Path:
+    """vhost-device-vsock: named by PF_PROXY_VHOST_DEVICE_VSOCK, or on PATH, or built by
+    ../shared/hybrid/build.sh (once: about 2 minutes); Missing if none of these."""
+    named = os.environ.get(BACKEND_ENV)
+    if named:
+        if not os.access(named, os.X_OK):
+            raise Missing(f"{BACKEND_ENV}={named} is not an executable file")
+        return Path(named)
+    found = shutil.which(BACKEND)
+    if found:
+        return Path(found)
+    if BUILD_SCRIPT.exists():
+        if not BUILT_BACKEND.exists():
+            log(f"building {BACKEND} with {BUILD_SCRIPT} (once, about 2 minutes)")
+        run("bash", BUILD_SCRIPT)  # does nothing when the binary is up to date
+        if os.access(BUILT_BACKEND, os.X_OK):
+            return BUILT_BACKEND
+    raise Missing(
+        f"no {BACKEND}: install it (cargo install {BACKEND}) and put it on PATH or name it in "
+        f"{BACKEND_ENV}"
+    )
+
+
+@dataclass
+class Backend:
+    """vhost-device-vsock serving the guest's vsock device; `uds_path` is the VM's vsock, as
+    the host sees it."""
+
+    directory: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def uds_path(self) -> Path:
+        return self.directory / "vm.vsock"
+
+    @property
+    def vhost_user_socket(self) -> Path:
+        return self.directory / "vhost-user.sock"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_backend(binary: Path, results: Path) -> Backend:
+    """Start the backend in a fresh short directory (a Unix socket path holds 107 bytes);
+    its output goes to `results`/backend.log. Wait for its vhost-user socket."""
+    directory = Path(tempfile.mkdtemp(prefix="pfp-hv-"))
+    vm = f"guest-cid={HYBRID_CID},socket={directory}/vhost-user.sock,uds-path={directory}/vm.vsock"
+    with open(results / "backend.log", "wb") as output:
+        process = subprocess.Popen(
+            [str(binary), "--vm", vm],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+    backend = Backend(directory, process)
+    deadline = time.monotonic() + 30
+    while not backend.vhost_user_socket.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            backend.stop()
+            raise GuestFailed(
+                f"{binary} did not open {backend.vhost_user_socket} (exit {process.poll()}): "
+                f"{(results / 'backend.log').read_text(errors='replace')[-2000:]}"
+            )
+        time.sleep(0.05)
+    return backend
+
+
 def accelerator() -> str:
     choice = os.environ.get("PF_PROXY_GUEST_ACCEL", "")
     if choice:
@@ -342,8 +432,18 @@ def accelerator() -> str:
     return "kvm" if usable and flags else "tcg"
 
 
-def qemu_command(kernel: Kernel, initramfs: Path, results: Path, memory: int) -> list[str]:
+def qemu_command(
+    kernel: Kernel, initramfs: Path, results: Path, memory: int, backend: Backend | None = None
+) -> list[str]:
     accel = accelerator()
+    vsock = []
+    if backend is not None:  # vhost-user needs the guest's memory shared with the backend
+        vsock = [
+            "-object", f"memory-backend-memfd,id=mem,size={memory}M,share=on",
+            "-numa", "node,memdev=mem",
+            "-chardev", f"socket,id=vvsock,path={backend.vhost_user_socket}",
+            "-device", "vhost-user-vsock-pci,chardev=vvsock",
+        ]  # fmt: skip
     cpus = str(max(1, min(os.cpu_count() or 1, 4)))
     append = f"{APPEND} {os.environ.get('PF_PROXY_GUEST_APPEND', '')}".rstrip()
     return [
@@ -361,10 +461,13 @@ def qemu_command(kernel: Kernel, initramfs: Path, results: Path, memory: int) ->
                    "multidevs=remap",
         "-virtfs", f"local,path={results},mount_tag=results,security_model=passthrough",
         "-virtfs", f"local,path={PYCACHE},mount_tag=pycache,security_model=passthrough",
+        *vsock,
     ]  # fmt: skip
 
 
-def write_job(results: Path, kernel: Kernel, argv: list[str], env: dict[str, str]) -> None:
+def write_job(
+    results: Path, kernel: Kernel, argv: list[str], env: dict[str, str], hybrid: bool = False
+) -> None:
     """The results share holds what the guest needs: stage 2, its settings, the command; and
     `collect/`, where the command may leave files for `--collect`."""
     shutil.copy(STAGE2, results / "guest-init.sh")
@@ -376,6 +479,7 @@ def write_job(results: Path, kernel: Kernel, argv: list[str], env: dict[str, str
         "MODULES_DIR": str(kernel.modules),
         "CHECKOUT": str(CHECKOUT),
         "KEEP_DIRS": " ".join(shadowed),  # left as the overlay: writable, in memory too
+        "VSOCK_MODULE": "vmw_vsock_virtio_transport" if hybrid else "vsock_loopback",
     }
     (results / "settings.sh").write_text(
         "".join(f"{k}={shlex.quote(v)}\n" for k, v in settings.items())
@@ -435,19 +539,26 @@ def die_with_parent() -> None:
 
 def run_in_guest(
     argv: list[str], env: dict[str, str], timeout: float, boot_timeout: float, memory: int,
-    rebuild: bool, collect: Path | None = None,
+    rebuild: bool, collect: Path | None = None, hybrid: bool = False,
 ) -> int:  # fmt: skip
     check_tools()
+    binary = find_backend() if hybrid else None
     kernel, initramfs = assets(rebuild)
     results = Path(tempfile.mkdtemp(prefix="pf-proxy-guest-"))  # kept if the guest fails
+    backend = None
     try:
-        write_job(results, kernel, argv, env)
-        command = qemu_command(kernel, initramfs, results, memory)
+        guest_argv = ["python", "-m", "tests.hybrid.agent", f"{SHARE}/{AGENT}"] if hybrid else argv
+        write_job(results, kernel, guest_argv, env, hybrid)
+        if binary is not None:
+            backend = start_backend(binary, results)
+        command = qemu_command(kernel, initramfs, results, memory, backend)
     except BaseException:
+        if backend is not None:
+            backend.stop()
         shutil.rmtree(results, ignore_errors=True)
         raise
     log(f"booting {kernel.version} ({kernel.image.name}, {command[command.index('-accel') + 1]},"
-        f" {memory} MB); results in {results}")  # fmt: skip
+        f" {memory} MB{', hybrid vsock' if hybrid else ''}); results in {results}")  # fmt: skip
     started = time.monotonic()
     qemu = subprocess.Popen(
         command,
@@ -458,11 +569,19 @@ def run_in_guest(
     )
     console = Console(qemu.stdout, results / "console.log")
     booted: float | None = None
+    host: subprocess.Popen[bytes] | None = None  # the hybrid stage's command, run here
+    host_code: int | None = None
     try:
-        while qemu.poll() is None:
+        # The hybrid stage's command may outlive the guest (a test kills the backend).
+        while qemu.poll() is None or (host is not None and host.poll() is None):
             now = time.monotonic()
             if booted is None and (results / "started").exists():
                 booted = now
+            if backend is not None and host is None and (results / AGENT / "ready").exists():
+                host = start_host_command(argv, backend, results)
+            if host is not None and host_code is None and host.poll() is not None:
+                host_code = host.returncode
+                (results / AGENT / "stop").touch()  # the agent exits, the guest powers off
             limit = started + boot_timeout if booted is None else started + timeout
             if now > limit:
                 qemu.kill()
@@ -478,6 +597,11 @@ def run_in_guest(
         if qemu.poll() is None:  # interrupted (^C, SIGTERM): never leave the guest running
             qemu.kill()
             qemu.wait()
+        if host is not None and host.poll() is None:
+            host.kill()
+            host.wait()
+        if backend is not None:
+            backend.stop()
     ended = time.monotonic()
     exit_file = results / "exit-code"
     if not exit_file.exists():
@@ -491,6 +615,11 @@ def run_in_guest(
     if not written.isdigit():
         raise GuestFailed(f"{exit_file} holds {written!r}, not an exit code")
     code = int(written)
+    if hybrid:
+        if host_code is None:
+            raise GuestFailed(f"the guest's agent exited {code} before the command here ran")
+        log(f"the guest's agent exited {code}")
+        code = host_code
     boot = f"booted in {booted - started:.1f} s, " if booted else ""
     log(f"{boot}command exited {code} after {ended - (booted or started):.1f} s "
         f"(total {ended - started:.1f} s)")  # fmt: skip
@@ -503,6 +632,22 @@ def run_in_guest(
     return code
 
 
+def start_host_command(argv: list[str], backend: Backend, results: Path) -> subprocess.Popen[bytes]:
+    """The hybrid stage's command, here on the host, told where the guest's vsock is."""
+    from tests.hybrid import AGENT_ENV, BACKEND_PID_ENV, CID_ENV, UDS_ENV
+
+    log(f"the guest's agent is up: running {shlex.join(argv)} here")
+    env = {
+        **os.environ,
+        UDS_ENV: str(backend.uds_path),
+        CID_ENV: str(HYBRID_CID),
+        AGENT_ENV: str(results / AGENT),
+        BACKEND_PID_ENV: str(backend.process.pid),
+        COLLECT_ENV: str(results / "collect"),
+    }
+    return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+
+
 def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.vsock.guest",
@@ -513,6 +658,11 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=int, default=2048, help="guest memory, MB")
     parser.add_argument("--env", action="append", default=[], metavar="K=V", help="set in guest")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached assets")
+    parser.add_argument(
+        "--hybrid",
+        action="store_true",
+        help="vsock behind vhost-device-vsock; CMD runs here, the agent in the guest",
+    )
     parser.add_argument(
         "--collect",
         type=Path,
@@ -536,8 +686,9 @@ def main(args: list[str] | None = None) -> int:
         signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
     try:
         return run_in_guest(
-            argv, env, opts.timeout, opts.boot_timeout, opts.memory, opts.rebuild, opts.collect
-        )
+            argv, env, opts.timeout, opts.boot_timeout, opts.memory, opts.rebuild, opts.collect,
+            opts.hybrid,
+        )  # fmt: skip
     except Missing as exc:
         if os.environ.get("PF_PROXY_REQUIRE_GUEST") == "1":
             log(f"FAILED (PF_PROXY_REQUIRE_GUEST=1): the guest stage cannot run: {exc}")

@@ -10,6 +10,7 @@ import socket
 import pytest
 
 from pf_proxy.endpoints import (
+    AF_VSOCK,
     SO_VM_SOCKETS_BUFFER_MAX_SIZE,
     SO_VM_SOCKETS_BUFFER_SIZE,
     VMADDR_CID_ANY,
@@ -28,13 +29,13 @@ def buffer_size(sock: socket.socket) -> int:
 
 
 def test_listener_accepted_and_connecting_sockets_get_their_sizes() -> None:
-    listener = VsockEndpoint(VsockAddress(VMADDR_CID_ANY, 7301), None, 4 * MiB).listen()
+    listener = VsockEndpoint(VsockAddress(VMADDR_CID_ANY, 7301), AF_VSOCK, 4 * MiB).listen()
     try:
         assert buffer_size(listener) == 4 * MiB  # above the default maximum of 256 KiB
         assert listener.getsockopt(socket.AF_VSOCK, SO_VM_SOCKETS_BUFFER_MAX_SIZE) == 4 * MiB
 
         async def connect() -> socket.socket:
-            return await VsockEndpoint(VsockAddress(1, 7301), None, MiB).connect()
+            return await VsockEndpoint(VsockAddress(1, 7301), AF_VSOCK, MiB).connect()
 
         client = asyncio.run(connect())
         with client:
@@ -48,6 +49,6 @@ def test_listener_accepted_and_connecting_sockets_get_their_sizes() -> None:
 
 
 def test_without_a_size_the_kernel_default_stays() -> None:
-    listener = VsockEndpoint(VsockAddress(VMADDR_CID_ANY, 7302), None).listen()
+    listener = VsockEndpoint(VsockAddress(VMADDR_CID_ANY, 7302)).listen()
     with listener:
         assert buffer_size(listener) == 256 * 1024

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 
-from pf_proxy import __version__
+from pf_proxy import __version__, hybrid, metrics
 from pf_proxy.endpoints import (
     AddressError,
+    HybridVsock,
     IpAddress,
     VsockAddress,
+    VsockEndpoint,
     parse_cid,
     parse_ip_address,
     parse_vsock_address,
+    vsock_endpoint,
+    vsock_transport,
 )
 from pf_proxy.tcp.access import (
     CidrError,
@@ -72,6 +79,9 @@ __all__ = [
     "metrics_option",
     "timeouts",
     "vsock_buffer",
+    "vsock_side",
+    "vsock_side_endpoint",
+    "vsock_uds_option",
 ]
 
 # The longest timeout or interval any option takes: 365 days. A NaN delay makes the event
@@ -266,6 +276,87 @@ def vsock_buffer(func: F) -> F:
         "bytes in flight on one vsock connection, so one stream's throughput. Memory is "
         "used only while bytes wait to be read. No effect on the emulation.",
     )(func)
+
+
+UNIX_PATH_MAX = 107  # sun_path's 108 bytes, less the terminating NUL
+
+
+def vsock_uds_option(func: F) -> F:
+    """--vsock-uds PATH (an addition, every command): the vsock side is hybrid vsock."""
+    return click.option(
+        "--vsock-uds",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        metavar="PATH",
+        help="Hybrid vsock: the vsock side is one microVM's vsock device, the Unix socket PATH "
+        "of its Firecracker or Cloud Hypervisor VMM (its uds_path). An upstream CID:PORT is "
+        "the guest's port PORT, reached with the CONNECT/OK handshake on PATH (CID: the "
+        "guest's, 3 or more); a listener on CID:PORT is the Unix socket PATH_PORT, where the "
+        "guest's connects to the host (CID 2) port PORT arrive (CID: 2). A half-close does "
+        "not cross it. Default: AF_VSOCK.",
+    )(func)
+
+
+class VsockSideError(ValueError):
+    """A vsock side that cannot be used: `param` names the option at fault."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def vsock_side_endpoint(
+    address: VsockAddress,
+    buffer_size: int,
+    uds_path: Path | None,
+    *,
+    listening: bool,
+    param: str = "vsock_addr",
+) -> VsockEndpoint:
+    """The vsock endpoint of a proxy's options: over hybrid vsock with --vsock-uds. A CID or a
+    path that cannot be used that way is `VsockSideError` naming the option (its parameter
+    name) and why."""
+    try:
+        transport = vsock_transport(uds_path)
+    except AddressError as exc:
+        raise VsockSideError("vsock_uds", str(exc)) from None
+    if isinstance(transport, HybridVsock):
+        where = transport.listen_path(address) if listening else transport.uds_path
+        if len(os.fsencode(where)) > UNIX_PATH_MAX:
+            raise VsockSideError(
+                "vsock_uds",
+                f"{str(where)!r} is too long for a Unix socket ({UNIX_PATH_MAX} bytes at most)",
+            )
+    try:
+        return vsock_endpoint(address, buffer_size, transport, listening=listening)
+    except AddressError as exc:
+        shown = str(address.cid) if param == "cid" else str(address)
+        raise VsockSideError(param, f"{shown!r}: {exc}") from None
+
+
+def vsock_side(
+    address: VsockAddress,
+    buffer_size: int,
+    uds_path: Path | None,
+    *,
+    listening: bool,
+    param: str = "vsock_addr",
+) -> VsockEndpoint:
+    """`vsock_side_endpoint` as a proxy's plan builds it: its hybrid handshakes counted in
+    /metrics; what cannot be used is a usage error (exit 2) naming the flag. (A run file's
+    proxies were checked by `config` already, with the file's line.)"""
+    try:
+        endpoint = vsock_side_endpoint(
+            address, buffer_size, uds_path, listening=listening, param=param
+        )
+    except VsockSideError as exc:
+        ctx = click.get_current_context()
+        found = [p for p in ctx.command.params if p.name == exc.param]
+        raise click.BadParameter(str(exc), ctx, found[0] if found else None) from None
+    transport = endpoint.transport
+    if isinstance(transport, HybridVsock):
+        metrics.register(functools.partial(hybrid.metrics_source, transport.handshakes))
+    return endpoint
 
 
 def metrics_option(func: F) -> F:

@@ -22,8 +22,9 @@ from pf_proxy.cli.options import (
     run_command,
     stats_interval_counting,
     vsock_buffer,
+    vsock_side,
+    vsock_uds_option,
 )
-from pf_proxy.endpoints import VsockEndpoint, vsock_endpoint
 from pf_proxy.runner import PlanError
 from pf_proxy.runtime import Ready, Stop
 
@@ -56,9 +57,10 @@ QUEUE_NUM = click.option(
 
 
 def _service_options(func: F) -> F:
-    """--stats-interval, --drain-timeout, --vsock-buffer-size and --metrics (additions with
-    faithful defaults)."""
+    """--stats-interval, --drain-timeout, --vsock-buffer-size, --vsock-uds and --metrics
+    (additions with faithful defaults)."""
     func = metrics_option(func)
+    func = vsock_uds_option(func)
     func = vsock_buffer(func)
     func = click.option(
         "--drain-timeout",
@@ -106,7 +108,9 @@ class _RawPlan:
 def _queue_to_vsock(name: str, options: Options) -> _RawPlan:
     from pf_proxy.raw import forward
 
-    link = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    link = vsock_side(
+        options["vsock_addr"], options["vsock_buffer_size"], options["vsock_uds"], listening=False
+    )
     queue_num = options["queue_num"]
     return _RawPlan(
         name,
@@ -120,7 +124,9 @@ def _queue_to_vsock(name: str, options: Options) -> _RawPlan:
 def _vsock_to_device(name: str, options: Options, device: str, policy: Any) -> _RawPlan:
     from pf_proxy.raw import forward
 
-    listen: VsockEndpoint = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    listen = vsock_side(
+        options["vsock_addr"], options["vsock_buffer_size"], options["vsock_uds"], listening=True
+    )
     return _RawPlan(
         name,
         lambda ready: forward.VsockToDevice(listen, device, policy.check, ready),

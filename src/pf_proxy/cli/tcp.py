@@ -25,9 +25,11 @@ from pf_proxy.cli.options import (
     run_command,
     timeouts,
     vsock_buffer,
+    vsock_side,
+    vsock_uds_option,
     workers_option,
 )
-from pf_proxy.endpoints import Endpoint, IpEndpoint, VsockAddress, vsock_endpoint
+from pf_proxy.endpoints import Endpoint, IpEndpoint, VsockAddress, VsockEndpoint
 from pf_proxy.runner import PlanError
 
 if TYPE_CHECKING:
@@ -60,6 +62,16 @@ IP_LISTEN = click.option(
 
 
 Options = dict[str, Any]
+
+
+def _vsock(options: Options, *, listening: bool) -> VsockEndpoint:
+    """The proxy's vsock side: its listener, or its upstream."""
+    return vsock_side(
+        options["vsock_addr"],
+        options["vsock_buffer_size"],
+        options["vsock_uds"],
+        listening=listening,
+    )
 
 
 def _plan(
@@ -98,6 +110,7 @@ def _plan(
 )
 @timeouts
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 @workers_option
 @backlog_option
@@ -109,7 +122,7 @@ def plan_vsock_to_ip(options: Options) -> Plan:
     from pf_proxy.tcp import routes
 
     upstream = IpEndpoint(options["ip_addr"])
-    listen = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    listen = _vsock(options, listening=True)
     return _plan(listen, lambda: routes.fixed(upstream), "vsock to ip", "ip to vsock", options)
 
 
@@ -118,6 +131,7 @@ def plan_vsock_to_ip(options: Options) -> Plan:
 @VSOCK_TARGET
 @timeouts
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 @workers_option
 @backlog_option
@@ -128,7 +142,7 @@ def ip_to_vsock(**options: Any) -> None:
 def plan_ip_to_vsock(options: Options) -> Plan:
     from pf_proxy.tcp import routes
 
-    upstream = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    upstream = _vsock(options, listening=False)
     listen = IpEndpoint(options["ip_addr"])
     return _plan(listen, lambda: routes.fixed(upstream), "ip to vsock", "vsock to ip", options)
 
@@ -200,6 +214,7 @@ def policy_options(func: F) -> F:
 @policy_options
 @timeouts
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 @workers_option
 @backlog_option
@@ -235,7 +250,7 @@ def plan_vsock_to_ip_transparent(options: Options) -> Plan:
         log.info("Names resolved with: %s", ", ".join(resolver.nameservers))
         return routes.from_destination_header(policy, resolver.addresses, name_timeout)
 
-    listen = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    listen = _vsock(options, listening=True)
     return _plan(listen, make_route, "vsock to ip", "ip to vsock", options)
 
 
@@ -254,8 +269,7 @@ def plan_vsock_to_ip_transparent(options: Options) -> Plan:
     "--vsock-addr",
     required=True,
     type=VSOCK_ADDRESS,
-    help="vsock address of the listener, open to the enclave's ip-to-vsock <cid:port>, "
-    "e.g. 3:1080",
+    help="vsock address of the listener, open to the enclave's ip-to-vsock <cid:port>, e.g. 3:1080",
 )
 @policy_options
 @click.option(
@@ -269,6 +283,7 @@ def plan_vsock_to_ip_transparent(options: Options) -> Plan:
 )
 @proxy_timeouts
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 @workers_option
 @backlog_option
@@ -296,7 +311,7 @@ def plan_vsock_to_ip_proxy(options: Options) -> Plan:
         log.info("Names resolved with: %s", ", ".join(resolver.nameservers))
         return routes.explicit(policy, resolver.addresses, request_timeout, connect_timeout)
 
-    listen = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    listen = _vsock(options, listening=True)
     # No engine timeout around the route: it bounds the request, the lookup and the connect
     # itself, to answer the client for each.
     return _plan(listen, make_route, "vsock to ip", "ip to vsock", options, engine_timeout=False)
@@ -317,6 +332,7 @@ def plan_vsock_to_ip_proxy(options: Options) -> Plan:
 )
 @timeouts
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 @workers_option
 @backlog_option
@@ -327,7 +343,7 @@ def ip_to_vsock_transparent(**options: Any) -> None:
 def plan_ip_to_vsock_transparent(options: Options) -> Plan:
     from pf_proxy.tcp import routes
 
-    upstream = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    upstream = _vsock(options, listening=False)
     return _plan(
         IpEndpoint(options["ip_addr"]),
         lambda: routes.with_destination_header(upstream),
@@ -352,6 +368,7 @@ def plan_ip_to_vsock_transparent(options: Options) -> Plan:
 )
 @timeouts
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 @workers_option
 @backlog_option
@@ -362,7 +379,13 @@ def transparent_port_to_vsock(**options: Any) -> None:
 def plan_transparent_port_to_vsock(options: Options) -> Plan:
     from pf_proxy.tcp import routes
 
-    template = vsock_endpoint(VsockAddress(options["cid"], 0), options["vsock_buffer_size"])
+    template = vsock_side(
+        VsockAddress(options["cid"], 0),
+        options["vsock_buffer_size"],
+        options["vsock_uds"],
+        listening=False,
+        param="cid",
+    )
     return _plan(
         IpEndpoint(options["ip_addr"]),
         lambda: routes.to_original_port(template),

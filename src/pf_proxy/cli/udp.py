@@ -17,8 +17,9 @@ from pf_proxy.cli.options import (
     run_command,
     stats_interval,
     vsock_buffer,
+    vsock_side,
+    vsock_uds_option,
 )
-from pf_proxy.endpoints import vsock_endpoint
 from pf_proxy.udp.engine import Settings, UdpToVsockPlan, VsockToUdpPlan
 
 Options = dict[str, Any]
@@ -51,13 +52,16 @@ def _settings(options: Options) -> Settings:
 @flow_timeouts
 @stats_interval
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 def udp_to_vsock(**options: Any) -> None:
     run_command("udp-to-vsock", options)
 
 
 def plan_udp_to_vsock(options: Options) -> UdpToVsockPlan:
-    upstream = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    upstream = vsock_side(
+        options["vsock_addr"], options["vsock_buffer_size"], options["vsock_uds"], listening=False
+    )
     return UdpToVsockPlan(options["ip_addr"], upstream, _settings(options))
 
 
@@ -84,6 +88,7 @@ def plan_udp_to_vsock(options: Options) -> UdpToVsockPlan:
 @flow_timeouts
 @stats_interval
 @vsock_buffer
+@vsock_uds_option
 @metrics_option
 @backlog_option
 def vsock_to_udp(**options: Any) -> None:
@@ -91,5 +96,7 @@ def vsock_to_udp(**options: Any) -> None:
 
 
 def plan_vsock_to_udp(options: Options) -> VsockToUdpPlan:
-    listen = vsock_endpoint(options["vsock_addr"], options["vsock_buffer_size"])
+    listen = vsock_side(
+        options["vsock_addr"], options["vsock_buffer_size"], options["vsock_uds"], listening=True
+    )
     return VsockToUdpPlan(listen, options["ip_addr"], _settings(options))

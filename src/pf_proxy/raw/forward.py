@@ -129,7 +129,8 @@ class QueueToVsock(_Forwarder):
                 if self._link is None:
                     self._link = await connect_with_backoff(self.endpoint)
                     self.stats.link_connects += 1
-                    self._link.shutdown(socket.SHUT_RD)  # nothing comes back on this stream
+                    if self.endpoint.half_close:  # on hybrid vsock it would end the stream
+                        self._link.shutdown(socket.SHUT_RD)  # nothing comes back on it
                     try:
                         self._link.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, LINK_BUFFER)
                     except OSError:
@@ -413,10 +414,11 @@ class _Stream:
         self.writer_fd = -1  # the raw socket, while waiting for it to be writable
         self.received = 0
         conn.setblocking(False)
-        try:
-            conn.shutdown(socket.SHUT_WR)  # nothing goes back on this stream
-        except OSError:
-            pass
+        if forwarder.listen.half_close:  # on hybrid vsock it would end the guest's stream
+            try:
+                conn.shutdown(socket.SHUT_WR)  # nothing goes back on this stream
+            except OSError:
+                pass
         self.loop.add_reader(self.fd, self._on_readable)
 
     def _on_readable(self) -> None:

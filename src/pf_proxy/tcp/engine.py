@@ -279,6 +279,7 @@ class Connection:
                 first_bytes_back=upstream.first_bytes_back,
                 idle_timeout=settings.idle_timeout,
                 loop=self.loop,
+                upstream_half_close=upstream.endpoint.half_close,
             )
         except Exception:
             poller(self.loop).forget(sock.fileno())  # watched if its connect was waited for

@@ -27,6 +27,16 @@ empty ones for the read and given back as soon as dst has taken the whole chunk;
 direction waiting for dst to drain keeps one. So an idle connection costs only its two
 sockets, and the hot path neither creates pipes nor allocates buffers.
 
+Where the upstream cannot carry a half-close (hybrid vsock: a SHUT_WR there is a full shutdown
+for the guest, whose reply would then fail), the client's EOF is held instead: the client has
+sent everything, and the upstream direction goes on until the guest closes its stream. A
+guest's own half-close does not reach the host either, so that close may never come (a
+pf-proxy in the guest closes only once it has seen both ends): with --idle-timeout, a
+connection whose client's EOF is held ends cleanly (EOF, not a reset) once it has been idle
+that long, its reply delivered. The upstream's EOF is always passed to the client: to a hybrid
+client (a guest whose connection came in on its uds_path) that ends the stream once it has
+read the rest, as a close would, and its later sends fail.
+
 The relay ends when both directions have reached EOF, or when either fails. After a failure
 both sockets are closed abortively (`endpoints.close_abortively`): a TCP peer is reset, so it
 cannot mistake a truncated stream for a complete one; a vsock peer reads EOF, because vsock has
@@ -75,6 +85,7 @@ _READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPO
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _TO_THE_END = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR  # read until EOF or error
 
+HELD_EOF = "the upstream cannot take a half-close, which would cut its reply"
 FREE_CARRIERS_KEPT = 8  # empty pipes (and buffers) kept for reuse; the rest are closed (freed)
 
 # Errors that mean "splice is not supported between these two files", not a broken socket.
@@ -234,15 +245,21 @@ class _Pump:
     def _finish(self) -> None:
         self.stop()
         self.finished = True
-        if not self.relay.pumps_finished():  # else both directions are done: close sends FIN
+        relay = self.relay
+        if relay.pumps_finished():  # both directions are done: the close ends the streams
+            info(self.done_message)
+        elif self.dst is relay.upstream and not relay.upstream_half_close:
+            relay.eof_held = True
+            info(f"{self.done_message} (end held: {HELD_EOF})")
+        else:
             try:
                 self.dst.shutdown(socket.SHUT_WR)
             except OSError as exc:
                 if exc.errno != errno.ENOTCONN:
-                    self.relay.fail(exc)
+                    relay.fail(exc)
                     return
-        info(self.done_message)
-        self.relay.pump_finished()
+            info(self.done_message)
+        relay.pump_finished()
 
     def _fail(self, exc: OSError) -> None:
         # Drop the chunk in hand now, not when the relay is torn down on a later turn of the
@@ -461,7 +478,8 @@ class Relay:
 
     `forward_done` and `backward_done` are the log lines for EOF inbound->upstream and
     upstream->inbound; `first_bytes` are written upstream before anything read inbound, and
-    `first_bytes_back` inbound before anything read upstream.
+    `first_bytes_back` inbound before anything read upstream. `upstream_half_close`: the
+    upstream endpoint's `half_close` (if False, the inbound's EOF is held, not passed on).
     When the relay ends, both sockets are closed (reset, after a failure) and `on_done` is
     called once, with None or with what failed: an OSError, a TimeoutError (idle timeout),
     or CancelledError (`abort`).
@@ -479,8 +497,11 @@ class Relay:
         use_splice: bool | None = None,
         idle_timeout: float | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        upstream_half_close: bool = True,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
+        self.upstream_half_close = upstream_half_close
+        self.eof_held = False  # the inbound's EOF was not passed on (see upstream_half_close)
         self.events = poller(self.loop)
         self.inbound, self.upstream = inbound, upstream
         self.splice = use_splice_default if use_splice is None else use_splice
@@ -604,7 +625,14 @@ class Relay:
         if self.ended:
             return
         if self.loop.time() - self.last_activity >= self.idle_timeout:
-            self.fail(TimeoutError(f"no traffic for {self.idle_timeout:g} s (idle timeout)"))
+            if self.eof_held:  # the client is done, and the reply had its time: a clean end
+                info(
+                    f"{self.pumps[1].done_message}: idle for {self.idle_timeout:g} s with the "
+                    "client's end held (hybrid vsock cannot pass a half-close)"
+                )
+                self._end(None)
+            else:
+                self.fail(TimeoutError(f"no traffic for {self.idle_timeout:g} s (idle timeout)"))
         else:
             self._idle_timer = self._schedule_idle_check()
 

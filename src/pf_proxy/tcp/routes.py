@@ -57,6 +57,8 @@ class Connected:
     """An upstream the route connected itself (see the module docstring), as an endpoint
     whose connect is done."""
 
+    half_close = True  # a TCP connection
+
     def __init__(self, sock: socket.socket, name: str) -> None:
         self.sock = sock
         self.name = name
