@@ -196,6 +196,24 @@ def free_port() -> int:
         return port
 
 
+def two_free_ports() -> int:
+    """A port P with P and P + 1 both free to listen on (as worker 1's and worker 2's
+    /metrics): a free port's neighbour may be another socket's, or in TIME_WAIT."""
+    for _ in range(100):
+        port = free_port()
+        if port >= 0xFFFF:
+            continue
+        with socket.socket() as first, socket.socket() as second:
+            try:
+                for sock, number in ((first, port), (second, port + 1)):
+                    sock.bind(("127.0.0.1", number))
+                    sock.listen()
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two free ports in a row")
+
+
 def exchange_on(sock: socket.socket, address: Any, payload: bytes) -> bytes:
     """Connect `sock`, send all of `payload`, shut down writing; return everything received
     until EOF. A thread sends while this one reads, so large payloads cannot deadlock; a

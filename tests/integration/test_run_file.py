@@ -34,6 +34,7 @@ from tests.integration.helpers import (
     free_port,
     listening_socket,
     run_briefly,
+    two_free_ports,
     wait_until,
 )
 from tests.integration.namespaced import (
@@ -430,7 +431,10 @@ def test_workers_in_a_file(tmp_path: Path) -> None:
     with vsock_under_test() as vsock, ExitStack() as stack:
         echo_server = Server(listening_socket("127.0.0.1"))
         stack.callback(echo_server.close)
-        front, back_port, metrics = free_port(), free_port(), free_port()
+        front, back_port = free_port(), free_port()
+        metrics = two_free_ports()  # worker 1's /metrics, and worker 2's on the next port
+        while front in (metrics, metrics + 1):
+            metrics = two_free_ports()
         file = tmp_path / "run.toml"
         file.write_text(
             f'metrics = "127.0.0.1:{metrics}"\n'

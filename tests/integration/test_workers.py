@@ -29,6 +29,7 @@ from tests.integration.helpers import (
     free_port,
     recv_exactly,
     running,
+    two_free_ports,
     wait_until,
 )
 from tests.vsocks import SLOWDOWN, Vsock
@@ -52,24 +53,6 @@ def alive(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
     return status != "Z"
-
-
-def two_free_ports() -> int:
-    """A port P with P and P + 1 both free to listen on (as worker 1's and worker 2's
-    /metrics): a free port's neighbour may be another socket's, or in TIME_WAIT."""
-    for _ in range(100):
-        port = free_port()
-        if port >= 0xFFFF:
-            continue
-        with socket.socket() as first, socket.socket() as second:
-            try:
-                for sock, number in ((first, port), (second, port + 1)):
-                    sock.bind(("127.0.0.1", number))
-                    sock.listen()
-            except OSError:
-                continue
-        return port
-    raise AssertionError("no two free ports in a row")
 
 
 def served_by(proxy: Proxy) -> set[str]:
