@@ -127,15 +127,17 @@ class ConnectRetries:
     report: it says how often the connect was retried, and for how long.
     """
 
-    __slots__ = ("_next_delay", "count", "deadline", "first_failure")
+    __slots__ = ("_next_delay", "count", "deadline", "first_failure", "last")
 
     def __init__(self, deadline: float | None) -> None:
         self.deadline = deadline
         self.count = 0  # tries after the first
         self.first_failure: float | None = None
+        self.last: ConnectError | None = None  # the latest failure
         self._next_delay = RETRY_FIRST
 
     def delay(self, exc: ConnectError, now: float) -> float | None:
+        self.last = exc
         if self.first_failure is None:
             self.first_failure = now
         if not exc.retryable or self.deadline is None:
@@ -146,6 +148,13 @@ class ConnectRetries:
         self._next_delay = min(self._next_delay * 2, RETRY_CAP)
         self.count += 1
         return delay
+
+    def interrupted(self, now: float) -> ConnectError | None:
+        """What the retries had met when the deadline cut them short (a try in progress), or
+        None if there were none: `final` of the latest failure."""
+        if not self.count or self.last is None:
+            return None
+        return self.final(self.last, now)
 
     def final(self, exc: ConnectError, now: float) -> ConnectError:
         """The error that ends the connect: `exc`, saying how often it was retried."""

@@ -88,6 +88,18 @@ def test_the_final_error_says_how_often_and_for_how_long_it_was_retried() -> Non
     assert "; retried once in 0.50 s" in str(single.final(reset_error(), 0.5))
 
 
+def test_retries_cut_short_by_the_deadline_still_say_what_they_met() -> None:
+    """The connect timeout can fire while a retry is in progress: its line then says what
+    the tries before met, and how often they were made."""
+    assert ConnectRetries(deadline=10.0).interrupted(1.0) is None  # never failed
+    retries = ConnectRetries(deadline=10.0)
+    retries.delay(reset_error(), 2.0)
+    retries.delay(reset_error(), 2.5)
+    cut = retries.interrupted(3.0)
+    assert cut is not None
+    assert str(cut) == f"[Errno 104] {REFUSED}; retried 2 times in 1.00 s"
+
+
 # --- the engine's connect without a task, over the emulation --------------------------------
 
 

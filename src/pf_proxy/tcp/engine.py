@@ -328,10 +328,12 @@ class Connection:
         self._end(Ended(_route_outcome(exc)))
 
     def _timed_out(self) -> None:
+        retried = None if self.retries is None else self.retries.interrupted(self.loop.time())
         log.error(
-            "Closing connection from %s: no upstream within %g s (connect timeout)",
+            "Closing connection from %s: no upstream within %g s (connect timeout)%s",
             self.name,
             self.settings.connect_timeout,
+            "" if retried is None else f", after {retried}",
         )
         close_abortively(self.inbound)
         self._end(Ended(CONNECT_TIMEOUT))
