@@ -24,8 +24,10 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 # The handshake's outcomes: the `outcome` label's values and the words of the log lines.
 CONNECTED = "connected"
@@ -105,6 +107,11 @@ class Handshakes:
 def metrics_source(handshakes: Handshakes) -> Iterable[Metric]:
     """The metric families of `handshakes` (a source for `pf_proxy.metrics.register`, with
     the argument bound)."""
+    from prometheus_client.metrics_core import (  # only when scraped
+        CounterMetricFamily,
+        GaugeMetricFamily,
+    )
+
     info = GaugeMetricFamily(
         "pf_proxy_vsock_hybrid_info",
         "The hybrid vsock socket (a microVM's uds_path) this process connects through.",
