@@ -78,6 +78,9 @@ def namespaces(workdir: Path) -> Iterator[tuple[Netns, Netns]]:
             # of TIME_WAIT ports the second run starves for ephemeral ports.
             ns.run("sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
             ns.run("sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000")
+            # ...but never the listeners' ports: a client's TIME_WAIT there (its sockets have
+            # no SO_REUSEADDR) made the next setup's listener fail with EADDRINUSE.
+            ns.run("sysctl", "-qw", "net.ipv4.ip_local_reserved_ports=1200,3128-3129,8888")
         enclave_namespace(enclave)
         redirect(enclave, SERVER)
         host.run("ip", "addr", "add", f"{SERVER}/32", "dev", "lo")
