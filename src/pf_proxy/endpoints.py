@@ -376,20 +376,19 @@ class _Connectable:
         if retries is None:
             return await self._connect_once(None)
         loop = asyncio.get_running_loop()
-        refused: ConnectError | None = None  # the last failure that may pass
         while True:
             try:
                 return await self._connect_once(retries.deadline)
             except ConnectError as exc:
-                if exc.errno == errno.ETIMEDOUT and refused is not None:
-                    exc = refused  # the deadline cut a retry short: say why it was retried
+                cut = retries.interrupted(loop.time()) if exc.errno == errno.ETIMEDOUT else None
+                if cut is not None:  # the deadline cut a retry short: say why it was retried
+                    raise cut from exc
                 delay = retries.delay(exc, loop.time())
                 if delay is None:
                     final = retries.final(exc, loop.time())
                     if final is exc:
                         raise
                     raise final from exc
-                refused = exc
             await asyncio.sleep(delay)
 
 
