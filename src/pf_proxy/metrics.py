@@ -89,26 +89,35 @@ def describe_command(command: str) -> Callable[[], None]:
 
 def collect() -> Iterable[Metric]:
     """Every source's families, those of one name merged into one family; under `pf-proxy
-    run`, each sample labelled `proxy` with the name of the proxy that counted it."""
+    run`, each sample labelled `proxy` with the name of the proxy that counted it. Samples of
+    one name and labels are summed: a proxy a reload changed drains beside its successor, and
+    the two starts count as one proxy (each series is named once, as the format requires).
+    An `_info` sample stays 1: it says what a proxy is, not how much it did."""
     from prometheus_client.metrics_core import Metric
     from prometheus_client.samples import Sample
 
-    merged: dict[str, Metric] = {}
+    families: dict[str, Metric] = {}
+    samples: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], Sample]] = {}
     for proxy, _, source in list(_sources):
         for family in source():
-            into = merged.get(family.name)
-            if into is None:
-                into = merged[family.name] = Metric(
+            if family.name not in families:
+                families[family.name] = Metric(
                     family.name, family.documentation, family.type, family.unit
                 )
-            if proxy is None:
-                into.samples += family.samples
-            else:
-                into.samples += [
-                    Sample(s.name, {**s.labels, "proxy": proxy}, s.value, s.timestamp, s.exemplar)
-                    for s in family.samples
-                ]
-    return merged.values()
+                samples[family.name] = {}
+            into = samples[family.name]
+            for sample in family.samples:
+                labels = sample.labels if proxy is None else {**sample.labels, "proxy": proxy}
+                key = sample.name, tuple(sorted(labels.items()))
+                before = into.get(key)
+                if before is None or sample.name.endswith("_info"):
+                    value = sample.value
+                else:
+                    value = before.value + sample.value
+                into[key] = Sample(sample.name, labels, value, sample.timestamp, sample.exemplar)
+    for name, family in families.items():
+        family.samples = list(samples[name].values())
+    return families.values()
 
 
 class _Sources:

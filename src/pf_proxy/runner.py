@@ -91,10 +91,8 @@ def _own_context(spec: Spec) -> contextvars.Context:
     return context
 
 
-def _prepare(
-    specs: Iterable[Spec], build: BuildPlan, sockets_for: Callable[[Spec], int]
-) -> list[_Prepared]:
-    """Plans for `specs`, their listeners bound (`sockets_for`: how many sockets each);
+def _prepare(specs: Iterable[Spec], build: BuildPlan) -> list[_Prepared]:
+    """Plans for `specs`, their listeners bound (a socket for each of a proxy's workers);
     PlanError, naming the proxy, after closing whatever was bound."""
     prepared: list[_Prepared] = []
     try:
@@ -102,7 +100,7 @@ def _prepare(
             context = _own_context(spec)
             try:
                 plan = context.run(build, spec)
-                sockets = plan.bind(sockets_for(spec))
+                sockets = plan.bind(spec.workers)
             except (PlanError, BindError) as exc:
                 where = f"{spec}: " if spec.name else ""
                 what = exc.strerror if isinstance(exc, BindError) and exc.strerror else exc
@@ -129,7 +127,7 @@ def run(
     """
     count = max((spec.workers for spec in specs), default=1)
     try:
-        prepared = _prepare(specs, build, lambda spec: spec.workers)
+        prepared = _prepare(specs, build)
     except PlanError as exc:
         log.error("%s", exc)
         return 1
@@ -206,7 +204,6 @@ class _Running:
     task: asyncio.Task[int]
     sock: socket.socket | None
     unregister: Callable[[], None]
-    stopped: bool = False  # asked to stop (else, should its task end, it ended by itself)
 
 
 class Proxies:
@@ -217,7 +214,8 @@ class Proxies:
     ) -> None:
         self.build = build
         self.reload = reload
-        self.running: dict[str, _Running] = {}
+        self.running: dict[str, _Running] = {}  # by name, the proxies the file has now
+        self.retired: list[_Running] = []  # stopped by a reload, still draining
         self.waiting_ready = 0
         self.changed = asyncio.Event()  # a task ended, or a reload came: look again
 
@@ -244,7 +242,7 @@ class Proxies:
         while not process_stop.is_set():
             await self.changed.wait()
             self.changed.clear()
-            ended = [r for r in self.running.values() if r.task.done() and not r.stopped]
+            ended = [r for r in self.running.values() if r.task.done()]
             if ended:
                 code = self._ended_by_itself(ended)
                 break
@@ -299,24 +297,29 @@ class Proxies:
         return code
 
     async def _stop_all(self) -> int:
+        """Drain every proxy, the ones a reload stopped too; the worst exit code."""
         for running in self.running.values():
-            if not running.stopped:
-                running.stopped = True
-                running.stop.set(process_stopping=True)
+            running.stop.set(process_stopping=True)
         code = 0
-        for running in list(self.running.values()):
+        for running in [*self.running.values(), *self.retired]:
             await asyncio.wait([running.task])
             code = max(code, _result(running.task))
             running.unregister()
         return code
 
+    def retire(self, running: _Running) -> None:
+        """`running` stops taking new work and drains (a reload removed or changed it)."""
+        if self.running.get(running.spec.name) is running:
+            del self.running[running.spec.name]
+        self.retired.append(running)
+        running.stop.set(process_stopping=False)
+
     def _forget_finished(self) -> None:
-        for name, running in list(self.running.items()):
-            if running.stopped and running.task.done():
-                _result(running.task)
-                running.unregister()
-                if self.running.get(name) is running:
-                    del self.running[name]
+        """Retired proxies whose drain is over: their metric sources are taken out."""
+        for running in [r for r in self.retired if r.task.done()]:
+            _result(running.task)
+            running.unregister()
+            self.retired.remove(running)
 
     def _apply_reload(self) -> None:
         assert self.reload is not None and self.build is not None
@@ -380,7 +383,7 @@ class Reloader:
 
     def apply(self, specs: list[Spec]) -> None:
         running = self.proxies.running
-        old = {name: r.spec for name, r in running.items() if not r.stopped}
+        old = {name: r.spec for name, r in running.items()}
         new = {spec.name: spec for spec in specs}
         changes = diff(old, new)
         log.info(
@@ -397,8 +400,7 @@ class Reloader:
 
     def _stop(self, old: _Running, why: str) -> None:
         log.info("Reload: %s %s: draining it", old.spec, why)
-        old.stopped = True
-        old.stop.set(process_stopping=False)
+        self.proxies.retire(old)
 
     def _replace(self, old: _Running | None, spec: Spec) -> None:
         context = _own_context(spec)

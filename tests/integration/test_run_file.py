@@ -459,3 +459,78 @@ def test_workers_in_a_file(tmp_path: Path) -> None:
         assert "[worker 2] [front] Listening on:" in running.stdout
         assert "[worker 2] [back]" not in running.stdout
         assert "[worker 1] [back] Listening on:" in running.stdout
+
+
+def _samples(port: int) -> list[str]:
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
+        text: str = response.read().decode()
+    return [line for line in text.splitlines() if line.startswith("pf_proxy_")]
+
+
+def test_a_changed_proxy_draining_beside_its_successor(tmp_path: Path) -> None:
+    """A connection held through `front` while a reload changes it: the old start drains it
+    beside the new one. /metrics names each series once (the two starts' figures summed);
+    a SIGTERM meanwhile waits for the old start's drain too, and the held connection
+    completes. (The vsock side is another process, so only the old start holds it here.)"""
+    with vsock_under_test() as vsock, ExitStack() as stack:
+        echo_server = Server(listening_socket("127.0.0.1"))
+        stack.callback(echo_server.close)
+        front, metrics = free_port(), free_port()
+        back = Proxy(["vsock-to-ip", "-v", "88:6000", "-i", f"127.0.0.1:{echo_server.port}"],
+                     tmp_path, vsock.env, timeout=WAIT)  # fmt: skip
+        stack.callback(back.stop)
+        back.wait_ready()
+        file = tmp_path / "run.toml"
+
+        def write(timeout: int) -> None:
+            text = RELOAD_FILE.format(front=front, echo=echo_server.port, timeout=timeout)
+            front_only = text.split("[proxy.back]")[0]
+            file.write_text(f'metrics = "127.0.0.1:{metrics}"\n{front_only}')
+
+        write(10)
+        running = Proxy(["pf-proxy", "run", str(file)], tmp_path, vsock.env, timeout=WAIT)
+        stack.callback(running.stop)
+        running.wait_for("[front] Listening on:")
+        held = socket.create_connection(("127.0.0.1", front), timeout=WAIT)
+        held.sendall(b"held")
+        assert _recv_exactly(held, 4) == b"held"
+        write(11)
+        os.kill(running.process.pid, signal.SIGHUP)
+        running.wait_for("started on the listener it had")
+        during = _samples(metrics)
+        assert len(during) == len(set(line.rsplit(" ", 1)[0] for line in during)), during
+        assert 'pf_proxy_tcp_connections_open{proxy="front"} 1.0' in during
+        info = 'pf_proxy_info{command="ip-to-vsock",proxy="front",version="0.1.0"} 1.0'
+        assert info in during, during
+        os.kill(running.process.pid, signal.SIGTERM)  # only the old start holds `held`
+        time.sleep(0.5)
+        assert running.process.poll() is None  # draining it, within its drain timeout
+        held.sendall(b"done")
+        held.shutdown(socket.SHUT_WR)
+        assert _recv_exactly(held, 5) == b"done"
+        held.close()
+        assert running.process.wait(WAIT) == 0
+
+
+def test_a_changed_proxy_leaves_no_series_behind(tmp_path: Path) -> None:
+    with vsock_under_test() as vsock, ExitStack() as stack:
+        echo_server = Server(listening_socket("127.0.0.1"))
+        stack.callback(echo_server.close)
+        front, metrics = free_port(), free_port()
+        file = tmp_path / "run.toml"
+        for timeout in (10, 11):
+            text = RELOAD_FILE.format(front=front, echo=echo_server.port, timeout=timeout)
+            file.write_text(f'metrics = "127.0.0.1:{metrics}"\n{text}')
+            if timeout == 10:
+                running = Proxy(["pf-proxy", "run", str(file)], tmp_path, vsock.env, timeout=WAIT)
+                stack.callback(running.stop)
+                running.wait_for("[front] Listening on:")
+        os.kill(running.process.pid, signal.SIGHUP)
+        running.wait_for("started on the listener it had")
+        wait_until(lambda: "Stopped by a reload" in running.stdout, "the old start's end")
+        time.sleep(0.3)
+        info = [line for line in _samples(metrics) if line.startswith("pf_proxy_info")]
+        assert sorted(info) == [
+            'pf_proxy_info{command="ip-to-vsock",proxy="front",version="0.1.0"} 1.0',
+            'pf_proxy_info{command="vsock-to-ip",proxy="back",version="0.1.0"} 1.0',
+        ]
