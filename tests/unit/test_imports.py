@@ -11,11 +11,15 @@ import pytest
 HEAVY = ("prometheus_client", "dns", "pyroute2")
 
 
-def _loaded_after(code: str) -> set[str]:
+def _modules_after(code: str) -> set[str]:
     script = f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True, timeout=60)  # fmt: skip
-    return {name.split(".")[0] for name in done.stdout.split()}
+    return set(done.stdout.split())
+
+
+def _loaded_after(code: str) -> set[str]:
+    return {name.split(".")[0] for name in _modules_after(code)}
 
 
 @pytest.mark.parametrize(
@@ -38,3 +42,20 @@ def test_they_are_imported_where_they_are_used() -> None:
     assert {"prometheus_client", "dns"} <= _loaded_after(
         "import pf_proxy.metrics; pf_proxy.metrics.exposition()\nimport pf_proxy.tcp.resolver"
     )
+
+
+def test_binding_and_connecting_ip_literals_loads_neither_the_idna_codec_nor_random() -> None:
+    """Smaller, but in every process: `random` (0.2 MiB) for the retries' jitter, and the idna
+    codec with stringprep and unicodedata (0.4 MiB), which getaddrinfo() loads for a host
+    given as a str, as every IP literal was."""
+    loaded = _modules_after(
+        "from pf_proxy.endpoints import IpEndpoint, parse_ip_address\n"
+        "from pf_proxy.udp.sockets import UdpTarget, bind_udp\n"
+        "for text in ('127.0.0.1:0', '[::1]:0'):\n"
+        "    address = parse_ip_address(text)\n"
+        "    IpEndpoint(address).listen().close()\n"
+        "    bind_udp(address).close()\n"
+        "    assert UdpTarget(address).literal_infos\n"
+    )
+    assert {"pf_proxy.udp.sockets", "pf_proxy.endpoints"} <= loaded
+    assert {"random", "encodings.idna", "stringprep", "unicodedata"} & loaded == set()

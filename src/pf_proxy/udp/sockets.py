@@ -31,12 +31,7 @@ def ip_name(address: Any) -> str:
 def bind_udp(address: IpAddress) -> socket.socket:
     """A bound non-blocking UDP socket; `BindError` names the address."""
     try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(
-            address.host,
-            address.port,
-            type=socket.SOCK_DGRAM,
-            flags=socket.AI_NUMERICHOST | socket.AI_PASSIVE,
-        )[0]
+        family, kind, proto, _, sockaddr = address.numeric_infos(socket.SOCK_DGRAM, True)[0]
         sock = socket.socket(family, kind, proto)
         try:
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -62,10 +57,7 @@ class UdpTarget:
         self.literal_infos: list[AddressInfo] | None = None
         if address.is_literal:
             try:
-                self.literal_infos = socket.getaddrinfo(
-                    address.host, address.port, type=socket.SOCK_DGRAM,
-                    flags=socket.AI_NUMERICHOST,
-                )  # fmt: skip
+                self.literal_infos = address.numeric_infos(socket.SOCK_DGRAM)
             except OSError:
                 pass  # e.g. an unknown scope id: resolve() looks it up and reports it
 
