@@ -9,6 +9,8 @@ socket (emulated vsock) -> an echo server on that socket.
                              PF_PROXY_NO_SPLICE=1)
     pf-proxy 2 workers       the same with --workers 2 (when the command has it)
     pf-proxy run             the same proxy in a `pf-proxy run` file, beside two idle ones
+    pf-proxy asyncio loop    ip-to-vsock with PF_PROXY_LOOP=asyncio: the standard library's
+                             loop instead of uvloop (the memory-lean choice)
     least Python relay       benchmarks/leastrelay.py: pf-proxy's relay design with nothing
                              else (no logging, limits or failure handling); the floor for
                              any relay in Python here
@@ -101,6 +103,8 @@ def hop(kind: str, socket_path: Path, workdir: Path) -> Iterator[Hop]:
         env = {"PF_PROXY_VSOCK_DIR": str(socket_path.parent)}
         if kind == "pf-proxy copy":
             env["PF_PROXY_NO_SPLICE"] = "1"
+        if kind == "pf-proxy asyncio loop":
+            env["PF_PROXY_LOOP"] = "asyncio"
         cid, vsock_port = socket_path.stem.split("_")
         args = ["ip-to-vsock", "-i", f"127.0.0.1:{port}", "-v", f"{cid}:{vsock_port}"]
         if kind == "pf-proxy 2 workers":
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "pf-proxy copy",
             "pf-proxy 2 workers",
             "pf-proxy run",
+            "pf-proxy asyncio loop",
             "least Python relay",
             "socat",
             "nginx",

@@ -13,6 +13,8 @@ machine, every start would compile every module again, and the compiler's memory
     one file          pf-proxy run with one proxy of each of the eleven kinds; and of twelve,
                       with vsock-to-ip-proxy (which loads dnspython to resolve names)
     one proxy         pf-proxy run with one ip-to-vsock; and ip-to-vsock as a command
+    asyncio loop      the file of eleven and the command again, with PF_PROXY_LOOP=asyncio
+                      (the standard library's loop, and no ssl module: the memory-lean choice)
     socat, nginx      one TCP -> Unix-socket relay each (socat forking per connection, nginx's
                       stream module in one process): native references
 
@@ -40,6 +42,7 @@ from statistics import median
 
 from benchmarks.cpucost import NGINX_STREAM_MODULE
 from benchmarks.processes import rss_kib, tree_pss_kib
+from pf_proxy import LOOP_ENV
 from tests.netns import Netns, netns
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -193,10 +196,12 @@ def measure_once(workdir: Path) -> dict[str, dict[str, float]]:
                 "released": loaded["released"] + others,
             }
 
-        for name, kinds in (
-            ("one file, the 11 kinds", [kind for kind in KINDS if kind != EXTRA]),
-            ("one file, 12 kinds", list(KINDS)),
-            ("one proxy (file)", ["ip-to-vsock"]),
+        eleven = [kind for kind in KINDS if kind != EXTRA]
+        for name, kinds, loop in (
+            ("one file, the 11 kinds", eleven, "uvloop"),
+            ("one file, 12 kinds", list(KINDS), "uvloop"),
+            ("one proxy (file)", ["ip-to-vsock"], "uvloop"),
+            ("one file, the 11 kinds, asyncio loop", eleven, "asyncio"),
         ):
             file = workdir / f"{name.replace(' ', '-')}.toml"
             file.write_text("".join(_toml(f"p{n}", kind, KINDS[kind], ip_file)
@@ -208,20 +213,22 @@ def measure_once(workdir: Path) -> dict[str, dict[str, float]]:
                     stack.enter_context(_started(
                         ns, [str(BIN / "vsock-to-ip"), *_flags(KINDS["vsock-to-ip"], ip_file)],
                         workdir, env))  # fmt: skip
-                pid = stack.enter_context(
-                    _started(ns, [str(BIN / "pf-proxy"), "run", str(file)], workdir, env)
-                )
+                pid = stack.enter_context(_started(
+                    ns, [str(BIN / "pf-proxy"), "run", str(file)], workdir,
+                    {**env, LOOP_ENV: loop}))  # fmt: skip
                 _wait(lambda: _listening(ns, TCP_IN), name)
                 time.sleep(2.0)
                 found[name] = {"idle": rss_kib(pid), **_load(ns, [pid])}
 
-        with ExitStack() as stack:
-            pid = stack.enter_context(_started(
-                ns, [str(BIN / "ip-to-vsock"), *_flags(KINDS["ip-to-vsock"], ip_file)],
-                workdir, env))  # fmt: skip
-            _wait(lambda: _listening(ns, TCP_IN), "ip-to-vsock")
-            time.sleep(2.0)
-            found["one proxy (command)"] = {"idle": rss_kib(pid)}
+        for name, loop in (("one proxy (command)", "uvloop"),
+                           ("one proxy (command), asyncio loop", "asyncio")):  # fmt: skip
+            with ExitStack() as stack:
+                pid = stack.enter_context(_started(
+                    ns, [str(BIN / "ip-to-vsock"), *_flags(KINDS["ip-to-vsock"], ip_file)],
+                    workdir, {**env, LOOP_ENV: loop}))  # fmt: skip
+                _wait(lambda: _listening(ns, TCP_IN), "ip-to-vsock")
+                time.sleep(2.0)
+                found[name] = {"idle": rss_kib(pid)}
 
         for name, args in _references(workdir):
             with _started(ns, args, workdir, {}) as pid:
@@ -296,18 +303,19 @@ def main(argv: list[str] | None = None) -> int:
         ("one file, the 11 kinds", 1),
         ("one file, 12 kinds", 1),
         ("one proxy (file)", 1),
+        ("one file, the 11 kinds, asyncio loop", 1),
     ):
         held = mib(med(setup, "held")) if setup != "one proxy (file)" else "-"
         lines.append(f"| {setup} | {count} | {mib(med(setup, 'idle'))} | {held} "
                      f"| {mib(med(setup, 'released')) if held != '-' else '-'} |")  # fmt: skip
-    for setup in ("one proxy (command)", "socat", "nginx"):
+    for setup in ("one proxy (command)", "one proxy (command), asyncio loop", "socat", "nginx"):
         if all(setup in run for run in runs):
             lines.append(f"| {setup} | 1 | {mib(med(setup, 'idle'))} | | |")
     lines += ["", "Each kind as its own process, idle:", ""]
     lines += [f"- {kind}: {mib(med('11 processes', f'idle {kind}'))} MiB" for kind in KINDS]
     lines += ["", "The data path, in the same runs (ip-to-vsock -> vsock-to-ip):", "",
               "| set-up | short connections/s |", "|---|---:|"]  # fmt: skip
-    for setup in ("11 processes", "one file, the 11 kinds"):
+    for setup in ("11 processes", "one file, the 11 kinds", "one file, the 11 kinds, asyncio loop"):
         lines.append(f"| {setup} | {med(setup, 'conn_s'):,.0f} |")
     lines += ["", "What each import adds to a fresh interpreter (MiB, in this order):", ""]
     lines += [f"- {name}: {cost:+.2f}" for name, cost in import_costs()]

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
 
-from pf_proxy import metrics
+from pf_proxy import LOOP_ENV, LOOPS, metrics
 from pf_proxy.current import log_prefix
 from pf_proxy.endpoints import BindError, IpAddress, emulation_dir_from_env
 
@@ -314,25 +314,36 @@ def run(
     metrics_address: IpAddress | None = None,
     metrics_socket: socket.socket | None = None,
 ) -> int:
-    """Run `main` on uvloop when importable (asyncio's loop otherwise); return its code.
+    """Run `main` on the loop PF_PROXY_LOOP names (uvloop unless it says asyncio, or uvloop is
+    not installed); return its code, or 2 for a loop name it does not know.
 
     With `metrics_address`, /metrics and /healthz are served there (see :mod:`metrics`) from
     before `main` starts until it ends, on `metrics_socket` if it is bound already; if that
     address cannot be bound, exit 1 at once.
     """
     global _spare_fds
+    loop_name = os.environ.get(LOOP_ENV, "uvloop")
+    if loop_name not in LOOPS:
+        main.close()
+        log.error("%s=%s: the event loop is one of %s", LOOP_ENV, loop_name, ", ".join(LOOPS))
+        return 2
+    if loop_name != "uvloop":
+        log.info("Event loop: %s (%s)", loop_name, LOOP_ENV)
     limit = raise_open_file_limit()
     log.info("Open file limit: %d", limit)
     if metrics_address is not None:
         _spare_fds = SPARE_FDS + metrics.MAX_SCRAPERS
     serving = _serving(main, metrics_address, metrics_socket)
     try:
-        try:
-            import uvloop
-        except ImportError:
-            return asyncio.run(serving)
-        result: int = uvloop.run(serving)
-        return result
+        if loop_name == "uvloop":
+            try:
+                import uvloop
+            except ImportError:
+                pass
+            else:
+                result: int = uvloop.run(serving)
+                return result
+        return asyncio.run(serving)
     finally:
         ignore_stop_signals()
 

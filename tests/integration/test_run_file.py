@@ -110,8 +110,14 @@ def rules(file: Path, side: str) -> str:
     return done.stdout
 
 
+# Both event loops (PF_PROXY_LOOP, see test_event_loops.py): the default, uvloop, and asyncio's.
+LOOPS = pytest.mark.parametrize(
+    "loop", [{}, {"PF_PROXY_LOOP": "asyncio"}], ids=["uvloop", "asyncio"]
+)
+
+
 @contextmanager
-def whole_network(tmp_path: Path) -> Iterator[Network]:
+def whole_network(tmp_path: Path, loop: dict[str, str]) -> Iterator[Network]:
     with ExitStack() as stack:
         vsock = stack.enter_context(vsock_under_test())
         enclave = stack.enter_context(netns("pfp-run-enclave"))
@@ -135,7 +141,7 @@ def whole_network(tmp_path: Path) -> Iterator[Network]:
         sides = {}
         for side, ns in (("parent", host), ("enclave", enclave)):
             sides[side] = NsProxy(
-                ns, ["pf-proxy", "run", str(file), "--side", side], tmp_path, vsock.env
+                ns, ["pf-proxy", "run", str(file), "--side", side], tmp_path, {**vsock.env, **loop}
             )
         for side, link in (("enclave", "raw-outgoing"), ("parent", "raw-incoming")):
             sides[side].wait_for(f"[{link}] Connected to vsock")
@@ -193,8 +199,11 @@ def _echoed(ns: Netns, address: tuple[str, int], payload: bytes) -> bytes:
         return b"".join(chunks)
 
 
-def test_one_file_serves_a_whole_enclave_network_on_both_sides(tmp_path: Path) -> None:
-    with whole_network(tmp_path) as net, ExitStack() as servers:
+@LOOPS
+def test_one_file_serves_a_whole_enclave_network_on_both_sides(
+    tmp_path: Path, loop: dict[str, str]
+) -> None:
+    with whole_network(tmp_path, loop) as net, ExitStack() as servers:
         enclave, host, internet = net.enclave, net.host, net.internet
         make = lambda ns, host_, port: in_netns(ns, lambda: listening_socket(host_, port))  # noqa: E731
         servers.callback(Server(make(enclave, "127.0.0.1", ENCLAVE_SERVICE)).close)
@@ -362,7 +371,10 @@ class _Counting:
             thread.join(WAIT)
 
 
-def test_a_reload_under_load_refuses_and_drops_nothing(tmp_path: Path) -> None:
+@LOOPS
+def test_a_reload_under_load_refuses_and_drops_nothing(
+    tmp_path: Path, loop: dict[str, str]
+) -> None:
     """Clients keep connecting through `front` while the file is reloaded again and again:
     `front` itself changed (it hands its listening socket to its successor), proxies added
     and removed beside it, and once a file with an error (nothing changes). Not one
@@ -380,7 +392,8 @@ def test_a_reload_under_load_refuses_and_drops_nothing(tmp_path: Path) -> None:
             file.write_text(text)
 
         write(10, [])
-        running = Proxy(["pf-proxy", "run", str(file)], tmp_path, vsock.env, timeout=WAIT)
+        running = Proxy(["pf-proxy", "run", str(file)], tmp_path, {**vsock.env, **loop},
+                        timeout=WAIT)  # fmt: skip
         stack.callback(running.stop)
         running.wait_for("[back] Listening on:")
         running.wait_for("[front] Listening on:")

@@ -47,8 +47,11 @@ def udp_echo() -> Iterator[int]:
         sock.close()
 
 
+@pytest.mark.parametrize(  # both event loops (PF_PROXY_LOOP), over real vsock too
+    "loop", [{}, {"PF_PROXY_LOOP": "asyncio"}], ids=["uvloop", "asyncio"]
+)
 def test_both_sides_of_one_file_over_vsock(
-    vsock_link: Vsock, echo: EchoServer, tmp_path: Path
+    vsock_link: Vsock, echo: EchoServer, tmp_path: Path, loop: dict[str, str]
 ) -> None:
     cid = vsock_link.cid  # 1 over real vsock (one kernel), 88 in the emulation
     ingress, service, dns = free_port(), free_port(), free_port()
@@ -66,7 +69,7 @@ def test_both_sides_of_one_file_over_vsock(
             side: Proxy(
                 ["pf-proxy", "run", str(file), "--side", side],
                 tmp_path,
-                vsock_link.env,
+                {**vsock_link.env, **loop},
                 timeout=WAIT,
             )
             for side in ("enclave", "parent")
