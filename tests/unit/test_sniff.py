@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from pf_proxy.tcp import routes
 from pf_proxy.tcp import sniff as sniff_module
 from pf_proxy.tcp.dstheader import Destination, HeaderError, encode_destination
-from pf_proxy.tcp.routes import read_destination_header_and_more, read_stream_start
+from pf_proxy.tcp.egress import read_destination_header_and_more, read_stream_start
 from pf_proxy.tcp.sniff import (
     MAX_RECORDS,
     MAX_SNIFF_BYTES,
@@ -563,7 +563,7 @@ def test_a_real_client_hello_cut_anywhere_needs_more(end: int) -> None:
 
 def read_like_the_proxy(stream: bytes, chunk_sizes: list[int]) -> tuple[object, bytes, bool]:
     """A Sniffer fed the stream in chunks of these sizes (then all the rest), as
-    routes.read_stream_start feeds it: its answer, the bytes it took, and whether the stream
+    egress.read_stream_start feeds it: its answer, the bytes it took, and whether the stream
     ended before it decided."""
     sniffer, sizes, at = Sniffer(), iter(chunk_sizes), 0
     answer = sniffer.feed(b"")
@@ -607,7 +607,7 @@ def test_feeding_in_pieces_answers_as_sniffing_at_once(stream: bytes, sizes: lis
     assert same_answer(one_at_a_time, answer)
 
 
-# --- from a real socket (routes.read_stream_start) ------------------------------------------
+# --- from a real socket (egress.read_stream_start) -----------------------------------------
 
 
 async def _read_start_from(chunks: list[bytes], close: bool) -> tuple[bytes, object, bytes]:
@@ -667,7 +667,7 @@ def _work_reading_a_head(head: bytes) -> tuple[int, int]:
     handed to the sniffer's functions in all (the sum, over every call of a function of
     tcp/sniff.py, of the lengths of its bytes-like arguments) and the reads it took."""
     handed = reads = 0
-    recv_code = routes._recv.__code__
+    recv_code = routes.recv_or_eof.__code__
 
     def profile(frame: FrameType, event: str, arg: Any) -> None:
         nonlocal handed, reads

@@ -26,12 +26,6 @@ from pf_proxy.endpoints import (
     vsock_endpoint,
     vsock_transport,
 )
-from pf_proxy.tcp.access import (
-    CidrError,
-    HostPatternError,
-    parse_host_pattern,
-    parse_network_rule,
-)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,8 +44,19 @@ class _AddressType(click.ParamType):  # type: ignore[type-arg]
             return value
         try:
             return self._parse(value)
-        except (AddressError, CidrError) as exc:
+        except AddressError as exc:
             self.fail(f"{value!r}: {exc}", param, ctx)
+
+
+def _network_rule(text: str) -> Any:
+    """--allow, --deny: the policy's module is imported when a rule is given, not by every
+    command (see tcp/egress.py)."""
+    from pf_proxy.tcp.access import CidrError, parse_network_rule
+
+    try:
+        return parse_network_rule(text)
+    except CidrError as exc:
+        raise AddressError(str(exc)) from None
 
 
 VSOCK_ADDRESS = _AddressType("CID:PORT", parse_vsock_address)
@@ -60,7 +65,7 @@ IP_TARGET_ADDRESS = _AddressType(
     "HOST:PORT", lambda text: parse_ip_address(text, allow_host_name=True)
 )
 CID = _AddressType("CID", parse_cid)
-NETWORK_RULE = _AddressType("CIDR[:PORT]", parse_network_rule)
+NETWORK_RULE = _AddressType("CIDR[:PORT]", _network_rule)
 
 __all__ = [
     "CID",
@@ -380,6 +385,8 @@ class _HostPatternType(click.ParamType):  # type: ignore[type-arg]
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if not isinstance(value, str):
             return value
+        from pf_proxy.tcp.access import HostPatternError, parse_host_pattern
+
         try:
             return parse_host_pattern(value)
         except HostPatternError as exc:

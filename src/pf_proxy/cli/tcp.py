@@ -223,7 +223,7 @@ def vsock_to_ip_transparent(**options: Any) -> None:
 
 
 def plan_vsock_to_ip_transparent(options: Options) -> Plan:
-    from pf_proxy.tcp import routes
+    from pf_proxy.tcp import egress
     from pf_proxy.tcp.access import AccessPolicy, ResolveError
 
     policy = AccessPolicy(
@@ -246,9 +246,9 @@ def plan_vsock_to_ip_transparent(options: Options) -> Plan:
     def make_route() -> Route:
         log.info("Destinations: %s", policy.describe())
         if resolver is None:
-            return routes.from_destination_header(policy)
+            return egress.from_destination_header(policy)
         log.info("Names resolved with: %s", ", ".join(resolver.nameservers))
-        return routes.from_destination_header(policy, resolver.addresses, name_timeout)
+        return egress.from_destination_header(policy, resolver.addresses, name_timeout)
 
     listen = _vsock(options, listening=True)
     return _plan(listen, make_route, "vsock to ip", "ip to vsock", options)
@@ -292,7 +292,7 @@ def vsock_to_ip_proxy(**options: Any) -> None:
 
 
 def plan_vsock_to_ip_proxy(options: Options) -> Plan:
-    from pf_proxy.tcp import routes
+    from pf_proxy.tcp import egress
     from pf_proxy.tcp.access import AccessPolicy, ResolveError
     from pf_proxy.tcp.resolver import ResolverCache  # dnspython: imported where needed
 
@@ -309,7 +309,7 @@ def plan_vsock_to_ip_proxy(options: Options) -> Plan:
     def make_route() -> Route:
         log.info("Destinations: %s", policy.describe("the name in the request"))
         log.info("Names resolved with: %s", ", ".join(resolver.nameservers))
-        return routes.explicit(policy, resolver.addresses, request_timeout, connect_timeout)
+        return egress.explicit(policy, resolver.addresses, request_timeout, connect_timeout)
 
     listen = _vsock(options, listening=True)
     # No engine timeout around the route: it bounds the request, the lookup and the connect
