@@ -15,6 +15,8 @@ machine, every start would compile every module again, and the compiler's memory
     one proxy         pf-proxy run with one ip-to-vsock; and ip-to-vsock as a command
     asyncio loop      the file of eleven and the command again, with PF_PROXY_LOOP=asyncio
                       (the standard library's loop, and no ssl module: the memory-lean choice)
+    floor             no proxy: what one imports before pf-proxy's code, a loop and a
+                      listening socket, on each loop (what no proxy can go below)
     socat, nginx      one TCP -> Unix-socket relay each (socat forking per connection, nginx's
                       stream module in one process): native references
 
@@ -271,6 +273,42 @@ def import_costs() -> list[tuple[str, float]]:
     return [(line.split()[0], float(line.split()[1])) for line in done.stdout.splitlines()]
 
 
+FLOOR_SCRIPT = """
+import sys
+if sys.argv[1] == "asyncio":
+    sys.modules["ssl"] = None  # as pf_proxy does for PF_PROXY_LOOP=asyncio
+    import asyncio
+    del sys.modules["ssl"]
+    new_loop = asyncio.new_event_loop
+else:
+    import ssl, asyncio, uvloop
+    new_loop = uvloop.new_event_loop
+import click, logging, socket
+
+async def serve():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    await asyncio.get_running_loop().create_server(asyncio.Protocol, sock=listener)
+    await asyncio.sleep(0.5)
+
+new_loop().run_until_complete(serve())
+for line in open("/proc/self/status"):
+    if line.startswith("VmRSS"):
+        print(int(line.split()[1]))
+"""
+
+
+def floor_kib(loop: str) -> int:
+    """A process with what a proxy imports before any of pf-proxy's code (click, and on
+    uvloop ssl, asyncio and uvloop; on asyncio's loop no ssl), a loop and one listening
+    socket: no proxy on that loop can take less."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    done = subprocess.run([sys.executable, "-c", FLOOR_SCRIPT, loop], capture_output=True,
+                          text=True, env=env, check=True)  # fmt: skip
+    return int(done.stdout)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -317,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
               "| set-up | short connections/s |", "|---|---:|"]  # fmt: skip
     for setup in ("11 processes", "one file, the 11 kinds", "one file, the 11 kinds, asyncio loop"):
         lines.append(f"| {setup} | {med(setup, 'conn_s'):,.0f} |")
+    lines += ["", "The floor: the interpreter, click and the loop's imports, a loop and one "
+              "listening socket, none of pf-proxy (median of 3):", ""]  # fmt: skip
+    for loop in ("uvloop", "asyncio"):
+        lines.append(f"- {loop}: {mib(median(floor_kib(loop) for _ in range(3)))} MiB")
     lines += ["", "What each import adds to a fresh interpreter (MiB, in this order):", ""]
     lines += [f"- {name}: {cost:+.2f}" for name, cost in import_costs()]
     text = "\n".join(lines)
