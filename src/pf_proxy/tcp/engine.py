@@ -100,6 +100,11 @@ class Connection:
     before the relay starts each path closes what it opened (`close_abortively` never raises).
     """
 
+    # One per live connection: slots keep it small (see Relay).
+    __slots__ = ("accepted", "connect_seconds", "connecting", "ended", "inbound", "loop",
+                 "name", "on_end", "relay", "retries", "route", "settings", "task", "timer",
+                 "upstream_name")  # fmt: skip
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
