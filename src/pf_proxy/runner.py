@@ -125,6 +125,9 @@ def run(
     `reload`, for a file, reads it again: the new specs, or None (it said why) to keep the
     running ones.
     """
+    loop = runtime.chosen_loop()
+    if loop is None:  # before anything is bound or forked
+        return 2
     count = max((spec.workers for spec in specs), default=1)
     try:
         prepared = _prepare(specs, build)
@@ -133,12 +136,12 @@ def run(
         return 1
     if count == 1:
         proxies = Proxies(build, reload)
-        return runtime.run(proxies.serve(prepared), metrics_address)
-    return _run_in_workers(prepared, metrics_address, count)
+        return runtime.run(proxies.serve(prepared), loop, metrics_address)
+    return _run_in_workers(prepared, loop, metrics_address, count)
 
 
 def _run_in_workers(
-    prepared: list[_Prepared], metrics_address: IpAddress | None, count: int
+    prepared: list[_Prepared], loop: str, metrics_address: IpAddress | None, count: int
 ) -> int:
     """Worker K (1..count) serves each proxy with K workers or more on its own socket (worker
     1 also every proxy without workers), with /metrics on the address's port plus K-1."""
@@ -174,7 +177,7 @@ def _run_in_workers(
             if sock not in keep:
                 sock.close()
         proxies = Proxies(build=None, reload=None)
-        return runtime.run(proxies.serve(mine), address, metrics_socket)
+        return runtime.run(proxies.serve(mine), loop, address, metrics_socket)
 
     def stop_listening() -> None:
         for sock in bound:

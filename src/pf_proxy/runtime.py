@@ -309,33 +309,39 @@ def ready() -> None:
         log.warning("Could not tell the parent process that this worker is ready: %s", exc)
 
 
+def chosen_loop() -> str | None:
+    """The event loop PF_PROXY_LOOP names (uvloop when it is unset); None, and an error
+    logged, for a name it does not know."""
+    name = os.environ.get(LOOP_ENV, "uvloop")
+    if name not in LOOPS:
+        log.error("%s=%s: the event loop is one of %s", LOOP_ENV, name, ", ".join(LOOPS))
+        return None
+    if name != "uvloop":
+        log.info("Event loop: %s (%s)", name, LOOP_ENV)
+    return name
+
+
 def run(
     main: Coroutine[Any, Any, int],
+    loop: str,
     metrics_address: IpAddress | None = None,
     metrics_socket: socket.socket | None = None,
 ) -> int:
-    """Run `main` on the loop PF_PROXY_LOOP names (uvloop unless it says asyncio, or uvloop is
-    not installed); return its code, or 2 for a loop name it does not know.
+    """Run `main` on `loop` (`chosen_loop`'s answer; asyncio's loop also when uvloop is not
+    installed); return `main`'s code.
 
     With `metrics_address`, /metrics and /healthz are served there (see :mod:`metrics`) from
     before `main` starts until it ends, on `metrics_socket` if it is bound already; if that
     address cannot be bound, exit 1 at once.
     """
     global _spare_fds
-    loop_name = os.environ.get(LOOP_ENV, "uvloop")
-    if loop_name not in LOOPS:
-        main.close()
-        log.error("%s=%s: the event loop is one of %s", LOOP_ENV, loop_name, ", ".join(LOOPS))
-        return 2
-    if loop_name != "uvloop":
-        log.info("Event loop: %s (%s)", loop_name, LOOP_ENV)
     limit = raise_open_file_limit()
     log.info("Open file limit: %d", limit)
     if metrics_address is not None:
         _spare_fds = SPARE_FDS + metrics.MAX_SCRAPERS
     serving = _serving(main, metrics_address, metrics_socket)
     try:
-        if loop_name == "uvloop":
+        if loop == "uvloop":
             try:
                 import uvloop
             except ImportError:

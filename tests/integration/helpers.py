@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import pytest
 
 from tests.vsocks import SLOWDOWN, Vsock
 
@@ -194,6 +195,19 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+# Both event loops (PF_PROXY_LOOP): a test marked with this gets `loop`, the environment that
+# selects one, and checks with `served_on` that the process ran on it.
+BOTH_LOOPS = pytest.mark.parametrize(
+    "loop", [{}, {"PF_PROXY_LOOP": "asyncio"}], ids=["uvloop", "asyncio"]
+)
+
+
+def served_on(loop: dict[str, str], stdout: str) -> bool:
+    """Whether a process's log says it ran on the loop `loop` selects (the default, uvloop,
+    is not named; asyncio's is)."""
+    return ("Event loop: asyncio (PF_PROXY_LOOP)" in stdout) == bool(loop)
 
 
 def two_free_ports() -> int:

@@ -14,6 +14,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from urllib.request import urlopen
 
+import pytest
+
 from tests.integration.helpers import EchoServer, exchange, free_port, run_briefly, running
 from tests.vsocks import vsock_under_test
 
@@ -55,10 +57,14 @@ def test_the_asyncio_loop_carries_the_pair_and_leaves_ssl_unloaded(tmp_path: Pat
                 assert proxy.stderr == "", proxy.stderr
 
 
-def test_a_loop_it_does_not_know_is_exit_2_naming_the_variable() -> None:
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one process", "workers"])
+def test_a_loop_it_does_not_know_is_exit_2_naming_the_variable(workers: list[str]) -> None:
+    """Checked once, before anything is bound or any worker started."""
     with vsock_under_test() as vsock:
         done = run_briefly("ip-to-vsock", "-i", f"127.0.0.1:{free_port()}", "-v", "88:6101",
-                           env={**vsock.env, "PF_PROXY_LOOP": "tokio"})  # fmt: skip
+                           *workers, env={**vsock.env, "PF_PROXY_LOOP": "tokio"})  # fmt: skip
     assert done.returncode == 2, done
     assert "ERROR PF_PROXY_LOOP=tokio: the event loop is one of uvloop, asyncio" in done.stderr
+    assert done.stderr.count("PF_PROXY_LOOP") == 1, done.stderr
+    assert "Listening on" not in done.stdout and "Worker" not in done.stdout, done.stdout
     assert "Traceback" not in done.stderr

@@ -14,8 +14,10 @@ of the test's own for transparent-port-to-vsock). Emulated vsock between the two
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,12 +30,14 @@ import pytest
 
 from tests.integration.dnsserver import dnsmasq
 from tests.integration.helpers import (
+    BOTH_LOOPS,
     Proxy,
     ThreadedServer,
     exchange,
     free_port,
     listening_socket,
     run_briefly,
+    served_on,
     two_free_ports,
     wait_until,
 )
@@ -108,12 +112,6 @@ def rules(file: Path, side: str) -> str:
     done = run_briefly("pf-proxy", "rules", str(file), "--side", side)
     assert done.returncode == 0, done
     return done.stdout
-
-
-# Both event loops (PF_PROXY_LOOP, see test_event_loops.py): the default, uvloop, and asyncio's.
-LOOPS = pytest.mark.parametrize(
-    "loop", [{}, {"PF_PROXY_LOOP": "asyncio"}], ids=["uvloop", "asyncio"]
-)
 
 
 @contextmanager
@@ -199,7 +197,7 @@ def _echoed(ns: Netns, address: tuple[str, int], payload: bytes) -> bytes:
         return b"".join(chunks)
 
 
-@LOOPS
+@BOTH_LOOPS
 def test_one_file_serves_a_whole_enclave_network_on_both_sides(
     tmp_path: Path, loop: dict[str, str]
 ) -> None:
@@ -249,6 +247,7 @@ def test_one_file_serves_a_whole_enclave_network_on_both_sides(
                              "vsock-to-ip-raw-outgoing", "transparent-port-to-vsock"}  # fmt: skip
 
     logs = {side: running.stdout for side, running in net.sides.items()}
+    assert all(served_on(loop, log) for log in logs.values()), logs
     assert "[egress] Original destination: 11.22.33.2:80" in logs["enclave"]
     assert "[egress] Proxying to: 11.22.33.2:80" in logs["parent"]
     assert "[by-port] Original destination: 11.22.33.1:62080" in logs["parent"]
@@ -371,7 +370,7 @@ class _Counting:
             thread.join(WAIT)
 
 
-@LOOPS
+@BOTH_LOOPS
 def test_a_reload_under_load_refuses_and_drops_nothing(
     tmp_path: Path, loop: dict[str, str]
 ) -> None:
@@ -424,6 +423,7 @@ def test_a_reload_under_load_refuses_and_drops_nothing(
         assert load.failures == []
         assert load.connections > 50, load.connections
         assert running.stdout.count("[front] Listening on:") == 1 + 3  # one per change of it
+        assert served_on(loop, running.stdout)
         assert "started on the listener it had" in running.stdout
         for port in extra_ports:  # all removed again
             assert not _accepts(port)
@@ -547,3 +547,54 @@ def test_a_changed_proxy_leaves_no_series_behind(tmp_path: Path) -> None:
             'pf_proxy_info{command="ip-to-vsock",proxy="front",version="0.1.0"} 1.0',
             'pf_proxy_info{command="vsock-to-ip",proxy="back",version="0.1.0"} 1.0',
         ]
+
+
+PLAIN_FILE = """
+[proxy.front]
+kind = "ip-to-vsock"
+ip-addr = "127.0.0.1:{front}"
+vsock-addr = "88:6300"
+
+[proxy.back]
+kind = "vsock-to-ip"
+vsock-addr = "88:6300"
+ip-addr = "127.0.0.1:{echo}"
+
+[proxy.out]
+kind = "ip-to-vsock-transparent"
+ip-addr = "127.0.0.1:{out}"
+vsock-addr = "3:6301"
+
+[proxy.by-port]
+kind = "transparent-port-to-vsock"
+ip-addr = "127.0.0.1:{by_port}"
+vsock = "88"
+"""
+
+
+def test_the_plain_tcp_kinds_serve_without_the_modules_they_do_not_use(tmp_path: Path) -> None:
+    """A process serving the four TCP kinds that judge nothing, a connection relayed through
+    two of them, never imports the policy, the sniffer or the explicit proxy's parser
+    (tcp/egress.py), nor `random` or the idna codec (endpoints): Python's own import log of
+    the real process says what it loaded."""
+    with vsock_under_test() as vsock, ExitStack() as stack:
+        echo_server = Server(listening_socket("127.0.0.1"))
+        stack.callback(echo_server.close)
+        front = free_port()
+        file = tmp_path / "plain.toml"
+        file.write_text(PLAIN_FILE.format(front=front, echo=echo_server.port, out=free_port(),
+                                          by_port=free_port()))  # fmt: skip
+        command = [sys.executable, "-X", "importtime", shutil.which("pf-proxy") or "pf-proxy"]
+        running = Proxy([*command, "run", str(file)], tmp_path, vsock.env, timeout=WAIT)
+        stack.callback(running.stop)
+        for name in ("front", "back", "out", "by-port"):
+            running.wait_for(f"[{name}] Listening on:")
+        assert exchange(("127.0.0.1", front), b"plain") == b"plain"
+        running.wait_for("[front] ip to vsock IO copy done")
+        assert running.stop() == 0
+    loaded = {line.rsplit("|", 1)[1].strip() for line in running.stderr.splitlines()
+              if line.startswith("import time:")}  # fmt: skip
+    assert {"pf_proxy.tcp.routes", "pf_proxy.tcp.engine", "pf_proxy.endpoints"} <= loaded
+    unused = {"pf_proxy.tcp.egress", "pf_proxy.tcp.access", "pf_proxy.tcp.sniff",
+              "pf_proxy.tcp.explicit", "random", "encodings.idna", "stringprep"}  # fmt: skip
+    assert loaded & unused == set()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import EchoServer, Proxy, exchange, free_port
+from tests.integration.helpers import BOTH_LOOPS, EchoServer, Proxy, exchange, free_port, served_on
 from tests.vsocks import SLOWDOWN, Vsock
 
 pytestmark = [pytest.mark.vsock, pytest.mark.timeout(300)]
@@ -47,9 +47,7 @@ def udp_echo() -> Iterator[int]:
         sock.close()
 
 
-@pytest.mark.parametrize(  # both event loops (PF_PROXY_LOOP), over real vsock too
-    "loop", [{}, {"PF_PROXY_LOOP": "asyncio"}], ids=["uvloop", "asyncio"]
-)
+@BOTH_LOOPS  # over real vsock too
 def test_both_sides_of_one_file_over_vsock(
     vsock_link: Vsock, echo: EchoServer, tmp_path: Path, loop: dict[str, str]
 ) -> None:
@@ -96,6 +94,7 @@ def test_both_sides_of_one_file_over_vsock(
             for running in sides.values():
                 running.stop()
         parent, enclave = sides["parent"].stdout, sides["enclave"].stdout
+        assert served_on(loop, parent) and served_on(loop, enclave)
         assert f"[ingress-{service}] Proxying to: vsock {cid}:{service}" in parent
         assert f"[ingress-{service}] Proxying to: 127.0.0.1:{tcp_upstream.port}" in enclave
         assert "[dns-udp] udp-to-vsock: 1 flows" in enclave

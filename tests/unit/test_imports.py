@@ -62,8 +62,9 @@ def test_binding_and_connecting_ip_literals_loads_neither_the_idna_codec_nor_ran
 
 
 def test_the_policy_sniffer_and_explicit_parser_load_only_for_the_egress_routes() -> None:
-    """ip-to-vsock, vsock-to-ip, ip-to-vsock-transparent and transparent-port-to-vsock plan
-    and serve without them (about 0.3 MiB); the egress routes' module brings them."""
+    """The modules of ip-to-vsock, vsock-to-ip, ip-to-vsock-transparent and
+    transparent-port-to-vsock do not import them (about 0.3 MiB); the egress routes' module
+    brings them. (test_run_file.py checks a real process serving those four kinds.)"""
     policy = {"pf_proxy.tcp.access", "pf_proxy.tcp.sniff", "pf_proxy.tcp.explicit"}
     plain = _modules_after(
         "import pf_proxy.cli.tcp, pf_proxy.kinds, pf_proxy.runner, pf_proxy.tcp.engine, "
