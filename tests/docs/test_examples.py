@@ -2,9 +2,10 @@
 
 tests/docs/examples.py has the rule and the transcript format. A block marked `<!-- run -->`
 runs as one bash script in a network namespace made for it (so its fixed ports and any
-address or firewall rule it adds stay there), from the checkout, with the virtualenv's
-console scripts first on PATH, TMPDIR and PF_PROXY_VSOCK_DIR in a fresh directory (vsock is
-always emulated here) and an 80-column terminal. Whatever it started is stopped when it ends.
+address or firewall rule it adds stay there), in a fresh directory (a block that runs `make`:
+in the checkout, where its Makefile is), with the virtualenv's console scripts first on PATH,
+TMPDIR and PF_PROXY_VSOCK_DIR in a fresh directory (vsock is always emulated here) and an
+80-column terminal. Whatever it started is stopped when it ends.
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def test_example_runs_as_written(block: Block, tmp_path: Path) -> None:
     script = tmp_path / "example.sh"
     script.write_text(_script(steps, background_log))
     (tmp_path / "vsock").mkdir()
+    uses_make = any(step.command.split()[0] == "make" for step in steps)
+    work = ROOT if uses_make else tmp_path / "work"
+    work.mkdir(exist_ok=True)
     env = {
         **{name: value for name, value in os.environ.items() if name not in _MAKE_VARIABLES},
         "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
@@ -161,7 +165,7 @@ def test_example_runs_as_written(block: Block, tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             text=True,
-            cwd=ROOT,
+            cwd=work,
             env=env,
             start_new_session=True,
         )

@@ -137,8 +137,12 @@ def test_refusals_that_may_pass_are_retried_then_named(
         f"[Errno {code}] failed to connect to hybrid vsock 3:5000 ({tmp_path}/vm.vsock): {said}"
         "; retried "
     ), message
-    assert set(handshakes(endpoint)) == {outcome}
-    assert handshakes(endpoint)[outcome] > 5
+    counted = handshakes(endpoint)
+    # The deadline may cut the last try's handshake (a loaded machine): that one try is
+    # counted as timed out, and the error still names the refusal that was retried.
+    assert counted.pop(TIMED_OUT, 0) <= 1, counted
+    assert set(counted) == {outcome}
+    assert counted[outcome] > 5
 
 
 def test_a_bad_answer_is_not_retried_and_says_what_came(tmp_path: Path) -> None:
