@@ -14,7 +14,7 @@ machine, every start would compile every module again, and the compiler's memory
                       with vsock-to-ip-proxy (which loads dnspython to resolve names)
     one proxy         pf-proxy run with one ip-to-vsock; and ip-to-vsock as a command
     asyncio loop      the file of eleven and the command again, with PF_PROXY_LOOP=asyncio
-                      (the standard library's loop, and no ssl module: the memory-lean choice)
+                      (the standard library's loop: the memory-lean choice)
     floor             no proxy: what one imports before pf-proxy's code, a loop and a
                       listening socket, on each loop (what no proxy can go below)
     socat, nginx      one TCP -> Unix-socket relay each (socat forking per connection, nginx's
@@ -44,7 +44,7 @@ from statistics import median
 
 from benchmarks.cpucost import NGINX_STREAM_MODULE
 from benchmarks.processes import rss_kib, tree_pss_kib
-from pf_proxy import LOOP_ENV
+from pf_proxy.loops import LOOP_ENV
 from tests.netns import Netns, netns
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -275,14 +275,11 @@ def import_costs() -> list[tuple[str, float]]:
 
 FLOOR_SCRIPT = """
 import sys
-if sys.argv[1] == "asyncio":
-    sys.modules["ssl"] = None  # as pf_proxy does for PF_PROXY_LOOP=asyncio
-    import asyncio
-    del sys.modules["ssl"]
-    new_loop = asyncio.new_event_loop
-else:
-    import ssl, asyncio, uvloop
-    new_loop = uvloop.new_event_loop
+import pf_proxy.loops  # asyncio, and uvloop below, imported as a proxy imports them: no ssl
+import asyncio
+new_loop = asyncio.new_event_loop
+if sys.argv[1] == "uvloop":
+    new_loop = pf_proxy.loops.import_uvloop().new_event_loop
 import click, logging, socket
 
 async def serve():
@@ -300,8 +297,8 @@ for line in open("/proc/self/status"):
 
 
 def floor_kib(loop: str) -> int:
-    """A process with what a proxy imports before any of pf-proxy's code (click, and on
-    uvloop ssl, asyncio and uvloop; on asyncio's loop no ssl), a loop and one listening
+    """A process with what a proxy imports before any of pf-proxy's code (click, asyncio and
+    on uvloop uvloop, imported without ssl as pf_proxy.loops does), a loop and one listening
     socket: no proxy on that loop can take less."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     done = subprocess.run([sys.executable, "-c", FLOOR_SCRIPT, loop], capture_output=True,

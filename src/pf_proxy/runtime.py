@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
 
-from pf_proxy import LOOP_ENV, LOOPS, metrics
+from pf_proxy import metrics
 from pf_proxy.current import log_prefix
 from pf_proxy.endpoints import BindError, IpAddress, emulation_dir_from_env
+from pf_proxy.loops import LOOP_ENV, LOOPS, import_uvloop
 
 log = logging.getLogger("pf_proxy")
 
@@ -341,14 +342,10 @@ def run(
         _spare_fds = SPARE_FDS + metrics.MAX_SCRAPERS
     serving = _serving(main, metrics_address, metrics_socket)
     try:
-        if loop == "uvloop":
-            try:
-                import uvloop
-            except ImportError:
-                pass
-            else:
-                result: int = uvloop.run(serving)
-                return result
+        uvloop = import_uvloop() if loop == "uvloop" else None
+        if uvloop is not None:
+            result: int = uvloop.run(serving)
+            return result
         return asyncio.run(serving)
     finally:
         ignore_stop_signals()

@@ -1,9 +1,9 @@
-"""PF_PROXY_LOOP: uvloop (the default) or the standard library's asyncio loop, which leaves the
-ssl module unloaded (about 7 MiB less per process, see docs/operations/memory.md).
+"""PF_PROXY_LOOP: uvloop (the default) or the standard library's asyncio loop; neither loads
+the ssl module until something uses it (4.4 MiB, see docs/operations/memory.md).
 
 The whole enclave network of `test_run_file` (every kind, real traffic, a reload under load)
-runs on both loops there; here, the pair as two commands on asyncio's loop, and a loop name
-the proxies do not know.
+runs on both loops there; here, the pair as two commands on each loop, and a loop name the
+proxies do not know.
 """
 
 from __future__ import annotations
@@ -16,10 +16,16 @@ from urllib.request import urlopen
 
 import pytest
 
-from tests.integration.helpers import EchoServer, exchange, free_port, run_briefly, running
+from tests.integration.helpers import (
+    BOTH_LOOPS,
+    EchoServer,
+    exchange,
+    free_port,
+    run_briefly,
+    running,
+    served_on,
+)
 from tests.vsocks import vsock_under_test
-
-LOOP = {"PF_PROXY_LOOP": "asyncio"}
 
 
 def _has_ssl_loaded(pid: int) -> bool:
@@ -28,13 +34,20 @@ def _has_ssl_loaded(pid: int) -> bool:
     return "libssl" in maps or "_ssl." in maps
 
 
-def test_the_asyncio_loop_carries_the_pair_and_leaves_ssl_unloaded(tmp_path: Path) -> None:
+def _has_uvloop_loaded(pid: int) -> bool:
+    return "/uvloop/loop." in Path(f"/proc/{pid}/maps").read_text()
+
+
+@BOTH_LOOPS
+def test_either_loop_carries_the_pair_and_leaves_ssl_unloaded(
+    tmp_path: Path, loop: dict[str, str]
+) -> None:
     payload = os.urandom(4 << 20)
     port, metrics = free_port(), free_port()
     with vsock_under_test() as vsock, ExitStack() as stack:
         echo = EchoServer()
         stack.callback(echo.close)
-        env = {**vsock.env, **LOOP}
+        env = {**vsock.env, **loop}
         with (
             running("vsock-to-ip", "-v", "88:6100", "-i", f"127.0.0.1:{echo.port}",
                     log_dir=tmp_path, env=env) as back,
@@ -42,7 +55,8 @@ def test_the_asyncio_loop_carries_the_pair_and_leaves_ssl_unloaded(tmp_path: Pat
                     "--metrics", f"127.0.0.1:{metrics}", log_dir=tmp_path, env=env) as front,
         ):  # fmt: skip
             for proxy in (back, front):
-                assert "Event loop: asyncio (PF_PROXY_LOOP)" in proxy.stdout
+                assert served_on(loop, proxy.stdout)
+                assert _has_uvloop_loaded(proxy.process.pid) == (not loop), proxy.args[0]
                 assert not _has_ssl_loaded(proxy.process.pid), proxy.args[0]
             # a whole stream each way, half-close included (the echo answers the client's EOF)
             assert exchange(("127.0.0.1", port), payload) == payload

@@ -73,3 +73,44 @@ def test_the_policy_sniffer_and_explicit_parser_load_only_for_the_egress_routes(
     assert "pf_proxy.tcp.routes" in plain
     assert plain & policy == set()
     assert policy <= _modules_after("import pf_proxy.tcp.egress")
+
+
+def _after(code: str) -> list[str]:
+    """What `code`, run in a fresh interpreter, prints (one item per line)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60)  # fmt: skip
+    return done.stdout.split()
+
+
+LOOP_RUNS = (
+    "import asyncio, sys\n"
+    "async def main() -> int:\n"
+    "    return 7\n"
+    "print(uvloop.__name__, uvloop.run(main()), 'ssl' in sys.modules, '_ssl' in sys.modules)\n"
+    "import ssl\n"
+    "print(hasattr(ssl, 'PROTOCOL_TLS_CLIENT'))\n"
+)
+
+
+def test_both_loops_are_imported_without_ssl_which_stays_importable() -> None:
+    """Neither asyncio (imported by `import pf_proxy`) nor uvloop loads ssl (4.4 MiB), and a
+    later `import ssl` (prometheus_client's, dnspython's) gets the real module."""
+    printed = _after("import pf_proxy.loops as loops\nuvloop = loops.import_uvloop()\n" + LOOP_RUNS)
+    assert printed == ["uvloop", "7", "False", "False", "True"]
+
+
+def test_a_uvloop_that_wants_more_of_ssl_is_imported_with_the_real_one() -> None:
+    """The stand-in holds what uvloop 0.23 reads; a uvloop that reads more than a stand-in
+    has (here: an empty one) is imported again, whole, with the real ssl."""
+    printed = _after(
+        "from types import ModuleType\n"
+        "import pf_proxy.loops as loops\n"
+        "uvloop = loops.import_uvloop(ModuleType('ssl'))\n" + LOOP_RUNS
+    )
+    assert printed == ["uvloop", "7", "True", "True", "True"]
+
+
+def test_a_process_that_loaded_ssl_already_gets_uvloop_as_it_is() -> None:
+    printed = _after("import ssl\nimport pf_proxy.loops as loops\nuvloop = loops.import_uvloop()\n"
+                     + LOOP_RUNS)  # fmt: skip
+    assert printed == ["uvloop", "7", "True", "True", "True"]
