@@ -1,6 +1,6 @@
 """The event loops a process can serve on, imported for the least resident memory.
 
-No proxy speaks TLS itself, yet both loops load `ssl` (libssl and libcrypto: 4.4 MiB
+No proxy speaks TLS itself, yet both loops load `ssl` (libssl and libcrypto: 4.3 MiB
 resident, about a fifth of an idle proxy) when they are imported: asyncio unless `ssl` is
 absent, uvloop unconditionally. So `pf_proxy` imports asyncio as a Python built without `ssl`
 would (its TLS support off), and uvloop with a stand-in for `ssl` holding the names uvloop
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from types import ModuleType
+from typing import NoReturn
 
 # Which event loop serves: "uvloop" (the default: the least CPU per connection) or "asyncio"
 # (the standard library's loop: about 2 MiB less per process; see docs/operations/memory.md).
@@ -46,14 +47,14 @@ def ssl_stand_in() -> ModuleType:
     return module
 
 
-def _no_tls(*args: object, **kwargs: object) -> None:
+def _no_tls(*args: object, **kwargs: object) -> NoReturn:
     raise RuntimeError("pf-proxy imported uvloop without ssl: it has no TLS")
 
 
 def import_uvloop(stand_in: ModuleType | None = None) -> ModuleType | None:
     """uvloop, imported with `stand_in` (by default `ssl_stand_in()`) in place of an `ssl`
     not loaded yet; None where uvloop is not installed. A uvloop that wants more of `ssl` than
-    the stand-in has is imported again with the real one: it then costs the 4.4 MiB, and works."""
+    the stand-in has is imported again with the real one: it then costs the 4.3 MiB, and works."""
     if "uvloop" in sys.modules or "ssl" in sys.modules:
         return _plain_uvloop()
     sys.modules["ssl"] = ssl_stand_in() if stand_in is None else stand_in
