@@ -29,7 +29,7 @@ def import_asyncio_without_ssl() -> None:
     try:
         import asyncio  # noqa: F401
     finally:
-        del sys.modules["ssl"]
+        sys.modules.pop("ssl", None)  # cannot raise, whatever the import did
 
 
 def ssl_stand_in() -> ModuleType:
@@ -66,7 +66,7 @@ def import_uvloop(stand_in: ModuleType | None = None) -> ModuleType | None:
         for name in [name for name in sys.modules if name.partition(".")[0] == "uvloop"]:
             del sys.modules[name]
     finally:
-        del sys.modules["ssl"]
+        sys.modules.pop("ssl", None)  # cannot raise, whatever the import did
     return _plain_uvloop()
 
 

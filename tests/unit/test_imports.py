@@ -11,11 +11,15 @@ import pytest
 HEAVY = ("prometheus_client", "dns", "pyroute2")
 
 
-def _modules_after(code: str) -> set[str]:
-    script = f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+def _after(code: str) -> list[str]:
+    """What `code`, run in a fresh interpreter, prints (split at white space)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, timeout=60)  # fmt: skip
-    return set(done.stdout.split())
+    return done.stdout.split()
+
+
+def _modules_after(code: str) -> set[str]:
+    return set(_after(f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"))
 
 
 def _loaded_after(code: str) -> set[str]:
@@ -73,13 +77,6 @@ def test_the_policy_sniffer_and_explicit_parser_load_only_for_the_egress_routes(
     assert "pf_proxy.tcp.routes" in plain
     assert plain & policy == set()
     assert policy <= _modules_after("import pf_proxy.tcp.egress")
-
-
-def _after(code: str) -> list[str]:
-    """What `code`, run in a fresh interpreter, prints (one item per line)."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True, timeout=60)  # fmt: skip
-    return done.stdout.split()
 
 
 LOOP_RUNS = (
